@@ -1,0 +1,84 @@
+"""Decoding and sanitising one image sample: what is converted, what is skipped, and why.
+
+Used both when packing shards and when reading them, so a shard written by another tool
+goes through the same checks.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections import Counter
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+QUALITY_LABELS = {"negative": 0, "positive": 1}  # -1 = unlabelled
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_rgb(data: bytes) -> tuple[np.ndarray, str | None]:
+    """Image bytes -> (H, W, 3) uint8 RGB and the conversion applied (None if it was clean RGB8).
+
+    Sound conversions: grayscale and palette images to RGB, 16-bit to 8-bit, CMYK to RGB,
+    RGBA/LA whose alpha is fully opaque to RGB. Anything else raises :class:`BadSample`.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadSample("corrupt", str(e)) from None
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8), None
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2), "16bit"
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"))
+        if rgba[..., 3].min() < 255:
+            raise BadSample("transparent", f"mode {mode} with a non-opaque alpha channel")
+        return np.ascontiguousarray(rgba[..., :3]), "alpha"
+    if mode == "P":
+        return np.asarray(img.convert("RGB")), "palette"
+    if mode in ("L", "1"):
+        return np.asarray(img.convert("RGB")), "gray"
+    if mode == "CMYK":
+        return np.asarray(img.convert("RGB")), "cmyk"
+    try:
+        return np.asarray(img.convert("RGB")), mode.lower()
+    except (ValueError, OSError) as e:
+        raise BadSample("unsupported_mode", mode) from e
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def image_field(sample: dict) -> str | None:
+    """The key of the HR image in a shard sample (``hr.png``, ``hr.jpg``, ... or a bare ``png``)."""
+    for key in sample:
+        if key.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg", "webp") and not key.startswith("lr"):
+            return key
+    return None
+
+
+class SampleStats(Counter):
+    """Counts of skipped samples and of conversions, by reason."""
+
+    def summary(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(self.items())) or "none"

@@ -1,0 +1,1 @@
+"""Swappable components, one family per sub-package (installed as ``arsr.components``)."""
