@@ -39,3 +39,47 @@ class Degradation(nn.Module, ABC):
     @abstractmethod
     def forward(self, hr: Tensor, generator: torch.Generator | None = None) -> DegradedBatch:
         """hr: (B, 3, H, W) in [0, 1]; H and W divisible by ``scale``."""
+
+
+@dataclass
+class QuantOutput:
+    """Output of a quantizer's training forward.
+
+    f_hat:   (B, C, h, w) quantised latent with a straight-through gradient to f
+    loss:    scalar quantizer loss (commitment / codebook / entropy terms)
+    indices: per-scale token maps, each (B, h_k * w_k) (or (B, h_k * w_k, bits) for bitwise)
+    logs:    extra scalars to log (codebook usage, per-term losses)
+    """
+
+    f_hat: Tensor
+    loss: Tensor
+    indices: list[Tensor]
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Quantizer(nn.Module, ABC):
+    """A next-scale (multi-scale residual) quantizer of a continuous latent ``f``.
+
+    Attributes:
+        dim: latent channels C.
+        patch_nums: side of the token map at each scale, smallest first.
+    """
+
+    dim: int
+    patch_nums: tuple[int, ...]
+
+    @abstractmethod
+    def forward(self, f: Tensor) -> QuantOutput:
+        """Training forward: f (B, C, h, w) -> :class:`QuantOutput`."""
+
+    @abstractmethod
+    def f_to_indices(self, f: Tensor) -> list[Tensor]:
+        """Tokenise: f (B, C, h, w) -> one index tensor per scale."""
+
+    @abstractmethod
+    def indices_to_fhat(self, indices: list[Tensor], upto: int | None = None) -> Tensor:
+        """Accumulate the first ``upto`` scales (all by default) back into f_hat (B, C, h, w)."""
+
+    @abstractmethod
+    def indices_to_teacher_input(self, indices: list[Tensor]) -> Tensor:
+        """Teacher-forcing inputs of scales 2..K: (B, L - first, C), from the tokens of scales 1..K-1."""

@@ -1,0 +1,5 @@
+import sys
+
+from arsr.cli import main
+
+sys.exit(main())

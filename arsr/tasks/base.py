@@ -1,0 +1,78 @@
+"""What every arsr LightningModule shares: optimiser injection, init_from, data stats, image grids."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+import torchvision
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from arsr.checkpoint import load_into, load_weights
+
+
+def adamw(params: Iterable) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+class ARSRTask(L.LightningModule):
+    """Base of the arsr tasks.
+
+    Args:
+        optimizer: callable building the optimiser from parameter groups (YAML: ``class_path:
+            torch.optim.AdamW`` + ``init_args``).
+        lr_scheduler: optional callable building a scheduler from the optimiser (stepped per step).
+        init_from: ``.safetensors`` weights to start from (this task's own export, or a file
+            written by ``tools/convert.py``). Not a resume: use ``--ckpt_path`` for that.
+        image_log_every: log an image grid every this many training steps (0 = never).
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = adamw,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        init_from: str | None = None,
+        image_log_every: int = 500,
+    ):
+        super().__init__()
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.init_from, self.image_log_every = init_from, image_log_every
+
+    # weights
+    def init_module_from(self) -> torch.nn.Module:
+        """The module that ``init_from`` weights are loaded into (the whole task by default)."""
+        return self
+
+    def setup(self, stage: str) -> None:
+        if self.init_from and stage == "fit" and not getattr(self, "_initialised", False):
+            load_into(self.init_module_from(), load_weights(self.init_from), f"init_from={self.init_from}")
+            self._initialised = True
+
+    # optimisation
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self):
+        opt = self.optimizer_factory(self.param_groups())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+
+    # logging
+    def log_data_stats(self, batch: dict) -> None:
+        for reason, n in batch.get("stats", {}).items():
+            self.log(f"data/{reason}", float(n), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+
+    def log_images(self, tag: str, rows: list[Tensor], n: int = 4) -> None:
+        """rows: images in [0, 1] of the same size, each (B, 3, H, W); one grid row per sample."""
+        exp = getattr(self.logger, "experiment", None)
+        if exp is None or not hasattr(exp, "add_image"):
+            return
+        cells = torch.stack([r[:n].detach().float().cpu().clamp(0, 1) for r in rows], dim=1)  # (n, cols, 3, H, W)
+        grid = torchvision.utils.make_grid(cells.flatten(0, 1), nrow=len(rows), padding=2)
+        exp.add_image(tag, grid, self.global_step)
+
+    def should_log_images(self, batch_idx: int) -> bool:
+        return self.image_log_every > 0 and self.global_rank == 0 and self.global_step % self.image_log_every == 0
