@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import zlib
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Literal
 
@@ -56,7 +57,8 @@ class CleanSamples:
     """Pipeline stage: raw shard samples -> decoded crops; bad ones counted, never raised.
 
     Each yielded sample carries the skip counts accumulated since the previous one, so the
-    counts travel with the batches out of the worker processes and can be logged.
+    counts travel with the batches out of the worker processes and can be logged (on a
+    finite stream, skips after its last good sample go unreported).
     """
 
     def __init__(self, crop_size: int, crop: CropMode, hflip: bool, seed: int):
@@ -108,10 +110,18 @@ def collate(samples: list[dict]) -> dict:
 
 
 def expand_urls(urls: str | list[str]) -> list[str]:
-    """Brace patterns (``data/shard-{000000..000009}.tar``) and lists -> a flat URL list."""
+    """Brace patterns (``data/shard-{000000..000009}.tar``) and lists -> a flat URL list.
+
+    Local paths are checked up front, so a typo fails at start-up rather than in a worker.
+    """
     out: list[str] = []
     for u in [urls] if isinstance(urls, str) else urls:
         out.extend(wds.shardlists.expand_urls(u))
+    missing = [u for u in out if "://" not in u and not u.startswith("pipe:") and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) not found, first: {missing[0]} (build shards with tools/make_shards.py)")
+    if not out:
+        raise ValueError(f"no shard URLs in {urls!r}")
     return out
 
 

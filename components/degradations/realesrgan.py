@@ -41,6 +41,12 @@ def usm_sharpen(img: Tensor, weight: float = 0.5, threshold: float = 10, radius:
     return soft_mask * sharp + (1 - soft_mask) * img
 
 
+def blur(x: Tensor, kernels: Tensor) -> Tensor:
+    """Per-sample kernels (B, k, k); reflect border, or replicate where the image is too small to reflect."""
+    border = "reflect" if min(x.shape[-2:]) > kernels.shape[-1] // 2 else "replicate"
+    return kornia.filters.filter2d(x, kernels, border_type=border)
+
+
 def add_noise(
     x: Tensor,
     gaussian_prob: float,
@@ -155,13 +161,13 @@ class RealESRGANDegradation(Degradation):
             c["kernel_grid"],
         )
 
-    def _random_resize(self, x: Tensor, probs, factor_range: Range, base_hw: tuple[int, int], g) -> tuple[Tensor, float]:
+    def _random_resize(self, x: Tensor, probs, factor_range: Range, base_hw: tuple[int, int], g) -> tuple[Tensor, Tensor]:
         direction = _choice(("up", "down", "keep"), probs, g, x.device)
         lo, hi = factor_range
         factor = [uniform(1, 1.0, hi, g, x.device), uniform(1, lo, 1.0, g, x.device), torch.ones(1)][direction].item()
         mode = RESIZE_MODES[_choice(RESIZE_MODES, (1 / 3, 1 / 3, 1 / 3), g, x.device)]
         size = (max(1, int(base_hw[0] * factor)), max(1, int(base_hw[1] * factor)))
-        return kornia.geometry.transform.resize(x, size, interpolation=mode, antialias=False), factor
+        return kornia.geometry.transform.resize(x, size, interpolation=mode, antialias=False), torch.tensor(factor)
 
     def _final_resize(self, x: Tensor, size: tuple[int, int], g) -> Tensor:
         mode = RESIZE_MODES[_choice(RESIZE_MODES, (1 / 3, 1 / 3, 1 / 3), g, x.device)]
@@ -182,7 +188,7 @@ class RealESRGANDegradation(Degradation):
         # first degradation
         k1, p = self._blur_kernels(b, False, g, device)
         params.update({f"{k}1": v for k, v in p.items()})
-        out = kornia.filters.filter2d(usm if c["degrade_from_usm"] else hr, k1, border_type="reflect")
+        out = blur(usm if c["degrade_from_usm"] else hr, k1)
         out, params["resize1"] = self._random_resize(out, c["resize_prob"], c["resize_range"], (h, w), g)
         out, p = add_noise(out, c["gaussian_noise_prob"], c["noise_range"], c["poisson_scale_range"], c["gray_noise_prob"], g)
         params.update({f"{k}1": v for k, v in p.items()})
@@ -193,7 +199,7 @@ class RealESRGANDegradation(Degradation):
         blur2 = torch.rand(b, generator=g, device=device) < c["second_blur_prob"]
         k2 = torch.where(blur2[:, None, None], k2, delta_kernels(b, device, c["kernel_grid"]))
         params.update({f"{k}2": v for k, v in p.items()}, second_blur=blur2)
-        out = kornia.filters.filter2d(out, k2, border_type="reflect")
+        out = blur(out, k2)
         out, params["resize2"] = self._random_resize(out, c["resize_prob2"], c["resize_range2"], lr_hw, g)
         out, p = add_noise(out, c["gaussian_noise_prob2"], c["noise_range2"], c["poisson_scale_range2"], c["gray_noise_prob2"], g)
         params.update({f"{k}2": v for k, v in p.items()})
@@ -206,9 +212,9 @@ class RealESRGANDegradation(Degradation):
         jpeg_first = bool(torch.rand(1, generator=g, device=device) < c["final_jpeg_first_prob"])
         if jpeg_first:
             out, q2 = jpeg(out, c["jpeg_range2"], g)
-            out = kornia.filters.filter2d(self._final_resize(out, lr_hw, g), k3, border_type="reflect")
+            out = blur(self._final_resize(out, lr_hw, g), k3)
         else:
-            out = kornia.filters.filter2d(self._final_resize(out, lr_hw, g), k3, border_type="reflect")
+            out = blur(self._final_resize(out, lr_hw, g), k3)
             out, q2 = jpeg(out, c["jpeg_range2"], g)
         params.update(jpeg_quality2=q2, final_sinc=final_sinc, final_jpeg_first=torch.tensor(jpeg_first))
         lr = (out * 255).round().clamp(0, 255) / 255
