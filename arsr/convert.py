@@ -1,0 +1,111 @@
+"""Official checkpoints -> arsr: unwrap, check every key and shape, write safetensors + YAML.
+
+Official ``.pth`` files are read with ``torch.load(weights_only=True)`` only. Parameter names
+already match (arsr's modules were built to the official layouts), so conversion is an
+unwrap (VARSR nests weights under ``ckpt['trainer'][...]``), a strict check against the
+model the preset builds, and an atomic safetensors write. The YAML beside it is the
+``class_path`` block to paste into a recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from jsonargparse import ArgumentParser
+from torch import nn
+
+from arsr.checkpoint import atomic_save_safetensors
+
+VAR_VAE_ARCH = {"ch": 160, "ch_mult": [1, 1, 2, 2, 4], "num_res_blocks": 2}
+PN_256 = [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+PN_512 = [1, 2, 3, 4, 6, 9, 13, 18, 24, 32]
+
+
+def _vqvae(patch_nums: list[int], **quant) -> dict:
+    return {
+        "class_path": "arsr.nn.vae.VQVAE",
+        "init_args": VAR_VAE_ARCH | {"quantizer": {"class_path": "arsr.components.quantizers.MultiScaleVQ",
+                                                  "init_args": {"vocab_size": 4096, "dim": 32, "patch_nums": patch_nums} | quant}},
+    }
+
+
+@dataclass(frozen=True)
+class Preset:
+    description: str
+    component: dict  # class_path / init_args of the arsr module
+    wrapped_keys: tuple[str, ...] = ()  # where the state dict may sit inside the file
+    resizable_buffers: tuple[str, ...] = ("quantize.ema_vocab_hit_SV",)  # depend on the schedule length
+
+
+PRESETS = {
+    "var_vqvae": Preset("VAR VQVAE vae_ch160v4096z32.pth (256 px schedule)", _vqvae(PN_256)),
+    "varsr_vqvae": Preset("VARSR VQVAE.pth (512 px schedule, no Phi at the last scale)",
+                          _vqvae(PN_512, phi_at_last_scale=False), ("trainer.vae_local",)),
+    "switti_rqvae": Preset("Switti / MSVAR RQ-VAE (VAR architecture, 512 px schedule)", _vqvae(PN_512)),
+}
+
+
+def build(component: dict) -> nn.Module:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--module", type=nn.Module)
+    return parser.instantiate_classes(parser.parse_object({"module": component})).module
+
+
+def read_official(path: str | Path, wrapped_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle errors, truncated files, non-tensor payloads
+        raise ValueError(f"{path} could not be read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from None
+    for dotted in wrapped_keys:
+        node = obj
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            obj = node
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{path} holds no flat state dict (top-level keys: {list(obj)[:5] if isinstance(obj, dict) else type(obj)})")
+    return obj
+
+
+def check_against(state: dict[str, torch.Tensor], model: nn.Module, preset_name: str, preset: Preset) -> dict[str, torch.Tensor]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape and k not in preset.resizable_buffers]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            part for part in (
+                f"missing {len(missing)}: {missing[:3]}" if missing else "",
+                f"unexpected {len(unexpected)}: {unexpected[:3]}" if unexpected else "",
+                f"shape mismatch: {shapes[:3]}" if shapes else "",
+            ) if part
+        )
+        raise ValueError(f"checkpoint is not a {preset.description} (preset {preset_name!r}, {len(own)} keys expected): {detail}")
+    out = {k: state[k].to(own[k].dtype) for k in own}
+    for k in preset.resizable_buffers:  # as the official loaders do: keep our own when the schedule differs
+        if k in out and out[k].shape != own[k].shape:
+            out[k] = own[k]
+    return out
+
+
+def convert(src: str | Path, preset: str, out: str | Path) -> Path:
+    """Convert ``src`` with the named preset into ``out`` (.safetensors) and ``out``.yaml."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    p = PRESETS[preset]
+    model = build(p.component)
+    state = check_against(read_official(src, p.wrapped_keys), model, preset, p)
+    out = Path(out).with_suffix(".safetensors")
+    atomic_save_safetensors(state, out, {"arsr_preset": preset, "source": Path(src).name})
+    out.with_suffix(".yaml").write_text(
+        f"# arsr component for {out.name} (converted from {Path(src).name}, preset {preset})\n" + yaml.safe_dump(p.component, sort_keys=False)
+    )
+    return out

@@ -1,0 +1,171 @@
+"""Multi-scale VQ tokenizer: official layout, decomposition identities, conversion, fine-tuning."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from arsr.components.quantizers import MultiScaleVQ
+from arsr.components.quantizers.multiscale_vq import phi_index_table
+from arsr.convert import PRESETS, build, convert
+from arsr.nn.vae import VQVAE
+
+
+def tiny_vae(**quant):
+    return VQVAE(MultiScaleVQ(64, 8, (1, 2, 3, 4), **quant), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+
+
+@pytest.fixture(scope="module")
+def var_vae():
+    return build(PRESETS["var_vqvae"].component)
+
+
+def test_official_var_vqvae_layout(var_vae):
+    """Keys, shapes and parameter counts of vae_ch160v4096z32 (reference facts A.1, A.6)."""
+    sd = var_vae.state_dict()
+    assert len(sd) == 324
+    n = lambda m: sum(p.numel() for p in m.parameters())
+    assert n(var_vae) == 108_948_355 and n(var_vae.encoder) == 44_107_872 and n(var_vae.decoder) == 64_653_923
+    assert n(var_vae.quantize) == 168_064
+    expected = {
+        "encoder.conv_in.weight": (160, 3, 3, 3),
+        "encoder.down.0.downsample.conv.weight": (160, 160, 3, 3),
+        "encoder.down.2.block.0.nin_shortcut.weight": (320, 160, 1, 1),
+        "encoder.down.4.attn.1.qkv.weight": (1920, 640, 1, 1),
+        "encoder.mid.attn_1.proj_out.weight": (640, 640, 1, 1),
+        "encoder.conv_out.weight": (32, 640, 3, 3),
+        "decoder.conv_in.weight": (640, 32, 3, 3),
+        "decoder.up.1.block.0.nin_shortcut.weight": (160, 320, 1, 1),
+        "decoder.up.3.block.0.conv1.weight": (320, 640, 3, 3),
+        "decoder.up.4.attn.2.norm.weight": (640,),
+        "decoder.up.4.upsample.conv.weight": (640, 640, 3, 3),
+        "decoder.conv_out.weight": (3, 160, 3, 3),
+        "quantize.ema_vocab_hit_SV": (10, 4096),
+        "quantize.quant_resi.qresi_ls.3.weight": (32, 32, 3, 3),
+        "quantize.embedding.weight": (4096, 32),
+        "quant_conv.weight": (32, 32, 3, 3),
+        "post_quant_conv.bias": (32,),
+    }
+    for k, shape in expected.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert "decoder.up.0.upsample.conv.weight" not in sd and "encoder.down.4.downsample.conv.weight" not in sd
+    assert sum(1 for k in sd if k.startswith("encoder.down.4.attn.")) == 12  # 2 attn blocks x 6 tensors
+
+
+def test_phi_tables():
+    assert phi_index_table(10, 4) == (0, 0, 1, 1, 1, 2, 2, 3, 3, 3)
+    assert phi_index_table(12, 4) == (0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3)
+    assert phi_index_table(14, 4) == (0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3)
+
+
+class IdentityLookupVQ(MultiScaleVQ):
+    """Quantizer whose 'codes' are the inputs themselves: isolates the residual bookkeeping."""
+
+    def _walk(self, f, num_scales=None):
+        H, rest = f.shape[-1], f.clone()
+        for si, pn in enumerate(self.patch_nums[:num_scales]):
+            z = torch.nn.functional.interpolate(rest, size=(pn, pn), mode="area") if pn != H else rest
+            h = self.phi(si, torch.nn.functional.interpolate(z, size=(H, H), mode="bicubic") if pn != H else z)
+            rest = rest - h
+            yield si, z, h
+
+
+@pytest.mark.parametrize("variant", [dict(phi_at_last_scale=False), dict(phi_ratio=0.0)])
+def test_identity_quantizer_residuals_sum_to_f(variant):
+    q = IdentityLookupVQ(16, 4, (1, 2, 3, 5, 8), **variant)
+    f = torch.randn(2, 4, 8, 8)
+    total = sum(h for _, _, h in q._walk(f))
+    assert torch.allclose(total, f, atol=1e-5)
+
+
+def test_indices_round_trip_and_teacher_input():
+    torch.manual_seed(0)
+    q = MultiScaleVQ(32, 4, (1, 2, 3, 4))
+    f = torch.randn(2, 4, 4, 4)
+    idx = q.f_to_indices(f)
+    assert [i.shape for i in idx] == [(2, 1), (2, 4), (2, 9), (2, 16)]
+    # f_hat from indices equals the quantised training forward, and the residual shrinks with scales
+    out = q.eval()(f)
+    assert torch.allclose(q.indices_to_fhat(idx), out.f_hat, atol=1e-5)
+    errs = [(f - q.indices_to_fhat(idx, upto=k)).pow(2).mean() for k in range(1, 5)]
+    assert errs[-1] < errs[0]
+    x = q.indices_to_teacher_input(idx)
+    assert x.shape == (2, 4 + 9 + 16, 4)
+    # the inference step reproduces teacher forcing scale by scale
+    f_hat, nxt, pos = torch.zeros(2, 4, 4, 4), [], 0
+    for si, pn in enumerate(q.patch_nums):
+        f_hat, n = q.next_input(si, f_hat, q.embed(idx[si], pn))
+        if n is not None:
+            nxt.append(n.flatten(2).transpose(1, 2))
+    assert torch.allclose(torch.cat(nxt, 1), x, atol=1e-5) and torch.allclose(f_hat, q.indices_to_fhat(idx), atol=1e-5)
+
+
+def test_varsr_last_scale_variant_adds_raw_codes():
+    q = MultiScaleVQ(32, 4, (1, 2, 4), phi_at_last_scale=False)
+    idx = q.f_to_indices(torch.randn(1, 4, 4, 4))
+    diff = q.indices_to_fhat(idx) - q.indices_to_fhat(idx, upto=2)
+    assert torch.allclose(diff, q.embed(idx[2], 4))
+
+
+def test_scale_dropout_keeps_a_prefix():
+    torch.manual_seed(1)
+    q = MultiScaleVQ(32, 4, (1, 2, 3, 4), scale_dropout=1.0).train()
+    kept = {len(q(torch.randn(1, 4, 4, 4)).indices) for _ in range(20)}
+    assert kept <= {1, 2, 3} and len(kept) > 1
+    assert len(q.eval()(torch.randn(1, 4, 4, 4)).indices) == 4
+
+
+def test_per_scale_decode_shapes():
+    vae = tiny_vae()
+    img = torch.rand(2, 3, 16, 16) * 2 - 1
+    idx = vae.img_to_indices(img)
+    assert len(idx) == 4 and vae.indices_to_img(idx).shape == (2, 3, 16, 16)
+
+
+def test_convert_round_trip_and_refusal(tmp_path, var_vae):
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in var_vae.state_dict().items()}
+    torch.save({"trainer": {"vae_local": sd, "config": {"patch_nums": 1}}, "epoch": 3}, tmp_path / "VQVAE.pth")
+    out = convert(tmp_path / "VQVAE.pth", "varsr_vqvae", tmp_path / "varsr_vqvae")
+    back = load_file(out)
+    for k, v in sd.items():
+        if k != "quantize.ema_vocab_hit_SV" or v.shape == back[k].shape:
+            assert torch.equal(back[k], v), k
+    assert "phi_at_last_scale: false" in out.with_suffix(".yaml").read_text()
+    # a wrong file is refused with the expected model and the first differing keys
+    bad = dict(sd)
+    bad.pop("decoder.conv_out.weight")
+    bad["decoder.conv_in.weight"] = torch.zeros(640, 16, 3, 3)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"not a VAR VQVAE.*missing 1: \['decoder.conv_out.weight'\].*decoder.conv_in.weight"):
+        convert(tmp_path / "bad.pth", "var_vqvae", tmp_path / "bad")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="weights-only"):
+        convert(tmp_path / "junk.pth", "var_vqvae", tmp_path / "junk")
+
+
+def test_finetune_loss_falls():
+    from arsr.tasks.tokenizer import TokenizerFinetune
+
+    torch.manual_seed(0)
+    task = TokenizerFinetune(tiny_vae(), l2_weight=1.0)
+    opt = torch.optim.AdamW(task.parameters(), lr=2e-3)
+    img = torch.rand(4, 3, 1, 1).expand(4, 3, 16, 16).contiguous()  # smooth images: learnable fast
+    task.log = lambda *a, **k: None
+    task.log_dict = lambda *a, **k: None
+    losses = []
+    for step in range(40):
+        loss = task.training_step({"hr": img}, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
+
+
+def test_trainable_prefixes_freeze_the_rest():
+    from arsr.tasks.tokenizer import TokenizerFinetune
+
+    task = TokenizerFinetune(tiny_vae(), trainable=["quantize"])
+    train = {n for n, p in task.tokenizer.named_parameters() if p.requires_grad}
+    assert train and all(n.startswith("quantize.") for n in train)
+    with pytest.raises(ValueError, match="matches no tokenizer parameter"):
+        TokenizerFinetune(tiny_vae(), trainable=["decoders"])
