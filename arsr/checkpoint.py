@@ -48,7 +48,13 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str, strict: bool = True) -> None:
-    """load_state_dict with a message naming the first differing keys and shapes."""
+    """load_state_dict with a message naming the first differing keys and shapes.
+
+    A module may define ``adapt_state_dict(state)`` to accept a related layout (e.g. one
+    decoder's weights copied into each per-scale decoder).
+    """
+    if hasattr(module, "adapt_state_dict"):
+        state = module.adapt_state_dict(state)
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

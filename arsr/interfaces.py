@@ -45,16 +45,24 @@ class Degradation(nn.Module, ABC):
 class QuantOutput:
     """Output of a quantizer's training forward.
 
-    f_hat:   (B, C, h, w) quantised latent with a straight-through gradient to f
-    loss:    scalar quantizer loss (commitment / codebook / entropy terms)
-    indices: per-scale token maps, each (B, h_k * w_k) (or (B, h_k * w_k, bits) for bitwise)
-    logs:    extra scalars to log (codebook usage, per-term losses)
+    f_hats:   decodable quantised latents with a straight-through gradient, one per output
+              scale (one for a single-output quantizer; 1x/2x/4x for hierarchical RQ)
+    features: the continuous latents each of ``f_hats`` approximates (quantisation bypass)
+    loss:     scalar quantizer loss (commitment / codebook / entropy terms)
+    indices:  per-scale token maps, each (B, h_k * w_k) (or (B, h_k * w_k, bits) for bitwise)
+    logs:     extra scalars to log (codebook usage, per-term losses)
     """
 
-    f_hat: Tensor
+    f_hats: list[Tensor]
+    features: list[Tensor]
     loss: Tensor
     indices: list[Tensor]
     logs: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def f_hat(self) -> Tensor:
+        """The largest output's quantised latent."""
+        return self.f_hats[-1]
 
 
 class Quantizer(nn.Module, ABC):

@@ -169,3 +169,77 @@ def test_trainable_prefixes_freeze_the_rest():
     assert train and all(n.startswith("quantize.") for n in train)
     with pytest.raises(ValueError, match="matches no tokenizer parameter"):
         TokenizerFinetune(tiny_vae(), trainable=["decoders"])
+
+
+def test_hierarchical_step_mapping_and_token_count():
+    from arsr.components.quantizers import HierarchicalRQ
+
+    q = HierarchicalRQ()
+    assert q.last_step == (3, 6, 10)
+    assert sum(pn * pn for pn in q.patch_nums) == 3452
+    assert [sum(pn * pn for pn in q.patch_nums[a:b]) for a, b in ((0, 3), (3, 6), (6, 10))] == [116, 552, 2784]
+    assert [q.scale_of_step(k) for k in range(1, 11)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
+
+
+def _tiny_hier():
+    from arsr.components.quantizers import HierarchicalRQ
+    from arsr.nn.vae import HierarchicalVQVAE
+
+    return HierarchicalVQVAE(HierarchicalRQ(64, 8, (1, 2, 4, 6, 8), (2, 4, 8)), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+
+
+def test_hierarchical_reuses_lower_scale_tokens_and_decodes_each_scale():
+    torch.manual_seed(0)
+    vae = _tiny_hier()
+    q = vae.quantize
+    assert q.last_step == (2, 3, 5)
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    fs = vae.encode(img)
+    assert [f.shape[-1] for f in fs] == [2, 4, 8]
+    idx = q.f_to_indices(fs)
+    assert [i.shape[1] for i in idx] == [1, 4, 16, 36, 64]
+    # lower-scale tokens are never re-quantised: steps 1-2 depend on the 1x features alone
+    other = q.f_to_indices([fs[0], torch.randn_like(fs[1]) * 3, torch.randn_like(fs[2]) * 3])
+    assert torch.equal(other[0], idx[0]) and torch.equal(other[1], idx[1])
+    assert not torch.equal(other[2], idx[2]) and not torch.equal(other[4], idx[4])
+    # per-scale decodes: steps 1-2 -> 8 px, 1-3 -> 16 px, 1-5 -> 32 px
+    assert [vae.decode(q.indices_to_fhat(idx, upto=k)).shape[-1] for k in (2, 3, 5)] == [8, 16, 32]
+    out = q(fs)
+    assert [f.shape[-1] for f in out.f_hats] == [2, 4, 8]
+    assert torch.allclose(out.f_hats[1], q.indices_to_fhat(idx, upto=3), atol=1e-5)
+    assert q.indices_to_teacher_input(idx).shape == (2, 4 + 16 + 36 + 64, 8)
+
+
+def test_hierarchical_identity_codes_recover_each_scale():
+    """With codes equal to the residual (identity lookup, Phi = identity), every scale reconstructs its features."""
+    from arsr.components.quantizers import HierarchicalRQ
+
+    q = HierarchicalRQ(16, 4, (1, 2, 4, 8), (2, 8), phi_ratio=0.0)
+    q.nearest = lambda z: z  # codes are the residual itself
+    q.embed = lambda z, pn: z
+    fs = [torch.randn(1, 4, 2, 2), torch.randn(1, 4, 8, 8)]
+    _, _, f_hats, _ = q._hierarchical(fs, False)
+    assert torch.allclose(f_hats[1], fs[1], atol=1e-5) and torch.allclose(f_hats[0], fs[0], atol=1e-5)
+
+
+def test_single_decoder_weights_load_into_every_scale_decoder():
+    from arsr.checkpoint import load_into
+
+    vae = _tiny_hier()
+    single = {k.replace("decoders.0.", "decoder."): torch.randn_like(v) for k, v in vae.state_dict().items()
+              if not k.startswith(("decoders.1.", "decoders.2."))}
+    load_into(vae, single, "test")
+    for n in range(3):
+        assert torch.equal(vae.decoders[n].conv_out.weight, single["decoder.conv_out.weight"])
+
+
+def test_hierarchical_finetune_step_trains_vocab_and_decoders():
+    from arsr.tasks.tokenizer import TokenizerFinetune
+
+    task = TokenizerFinetune(_tiny_hier(), trainable=["quantize.embedding", "decoders"], bypass_prob=0.0, l2_weight=1.0)
+    task.log = task.log_dict = lambda *a, **k: None
+    loss = task.training_step({"hr": torch.rand(2, 3, 32, 32)}, 0)
+    loss.backward()
+    grads = {n for n, p in task.tokenizer.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert "quantize.embedding.weight" in grads and any(n.startswith("decoders.0.") for n in grads)
+    assert any(n.startswith("decoders.2.") for n in grads) and not any(n.startswith("encoder.") for n in grads)

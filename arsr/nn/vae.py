@@ -185,3 +185,45 @@ class VQVAE(nn.Module):
 
     def indices_to_img(self, indices: list[Tensor]) -> Tensor:
         return self.decode(self.quantize.indices_to_fhat(indices))
+
+
+class HierarchicalVQVAE(VQVAE):
+    """MSVAR's tokenizer: one encoder, a hierarchical RQ, and one decoder per output scale.
+
+    ``encode`` returns one feature map per target scale, each from the image resized to that
+    scale (bicubic, antialiased); ``decode`` picks the decoder matching the latent side.
+    Weights of a single-decoder VQVAE (``decoder.*``, e.g. Switti's) load into every decoder.
+    """
+
+    def __init__(self, quantizer: Quantizer, ch: int = 160, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
+                 num_res_blocks: int = 2, using_sa: bool = True, using_mid_sa: bool = True, quant_conv_ks: int = 3):
+        super().__init__(quantizer, ch, ch_mult, num_res_blocks, using_sa, using_mid_sa, quant_conv_ks)
+        self.target_sides = tuple(quantizer.target_sides)
+        del self.decoder
+        self.decoders = nn.ModuleList(
+            Decoder(ch, ch_mult, num_res_blocks, quantizer.dim, using_sa=using_sa, using_mid_sa=using_mid_sa)
+            for _ in self.target_sides
+        )
+
+    def encode(self, img: Tensor) -> list[Tensor]:
+        feats = []
+        for side in self.target_sides:
+            px = side * self.downsample
+            x = img if img.shape[-1] == px else F.interpolate(img, size=(px, px), mode="bicubic", antialias=True)
+            feats.append(self.quant_conv(self.encoder(x)))
+        return feats
+
+    def decode(self, f_hat: Tensor) -> Tensor:
+        side = f_hat.shape[-1]
+        if side not in self.target_sides:
+            raise ValueError(f"no decoder for latent side {side}; target sides are {self.target_sides}")
+        return self.decoders[self.target_sides.index(side)](self.post_quant_conv(f_hat)).clamp(-1, 1)
+
+    def adapt_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Single-decoder weights -> the same decoder weights for every scale."""
+        if any(k.startswith("decoders.") for k in state):
+            return state
+        out = {k: v for k, v in state.items() if not k.startswith("decoder.")}
+        for n in range(len(self.target_sides)):
+            out |= {f"decoders.{n}.{k[len('decoder.'):]}": v for k, v in state.items() if k.startswith("decoder.")}
+        return out

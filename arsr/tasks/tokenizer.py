@@ -18,6 +18,13 @@ def to_unit(x: Tensor) -> Tensor:
     return (x + 1) / 2
 
 
+def resize_like(x: Tensor, ref: Tensor) -> Tensor:
+    """x resized (bicubic, antialiased) to ref's spatial size; identity when they agree."""
+    if x.shape[-2:] == ref.shape[-2:]:
+        return x
+    return F.interpolate(x, size=ref.shape[-2:], mode="bicubic", antialias=True).clamp(-1, 1)
+
+
 class TokenizerFinetune(ARSRTask):
     """Fine-tune a multi-scale tokenizer (VQ, hierarchical RQ or BSQ autoencoder).
 
@@ -85,11 +92,11 @@ class TokenizerFinetune(ARSRTask):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         self.log_data_stats(batch)
         img = batch["hr"] * 2 - 1  # [-1, 1]
-        f = self.tokenizer.encode(img)
-        q = self.tokenizer.quantize(f)
+        q = self.tokenizer.quantize(self.tokenizer.encode(img))
         bypass = self.bypass_prob > 0 and torch.rand(()) < self.bypass_prob
-        rec = self.tokenizer.decode(f if bypass else q.f_hat)
-        terms = self.reconstruction_loss(rec, img)
+        recs = [self.tokenizer.decode(x) for x in (q.features if bypass else q.f_hats)]
+        per_output = [self.reconstruction_loss(rec, resize_like(img, rec)) for rec in recs]  # 1x/2x/4x for hierarchical RQ
+        terms = {k: torch.stack([t[k] for t in per_output]).mean() for k in per_output[0]}
         loss = self.l1_weight * terms["l1"] + self.l2_weight * terms["l2"] + self.quant_weight * q.loss
         if self.lpips is not None:
             loss = loss + self.lpips_weight * terms["lpips"]
@@ -97,7 +104,7 @@ class TokenizerFinetune(ARSRTask):
         self.log_dict({f"train/{k}": v for k, v in terms.items()} | {f"train/{k}": v for k, v in q.logs.items()}, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         if self.should_log_images(batch_idx):
-            self.log_images("train/reconstruction", [to_unit(img), to_unit(rec)])
+            self.log_images("train/reconstruction", [to_unit(img), to_unit(resize_like(recs[-1], img))])
         return loss
 
     @torch.no_grad()
@@ -110,11 +117,12 @@ class TokenizerFinetune(ARSRTask):
         img = batch["hr"] * 2 - 1
         bs = img.shape[0]
         recs = self.per_scale_reconstructions(img)
-        for k, rec in enumerate(recs):
-            self.log(f"val/psnr_scale{k + 1:02d}", peak_signal_noise_ratio(to_unit(rec), to_unit(img), data_range=1.0), batch_size=bs)
+        for k, rec in enumerate(recs):  # each partial reconstruction against the target at its own size
+            psnr = peak_signal_noise_ratio(to_unit(rec), to_unit(resize_like(img, rec)), data_range=1.0)
+            self.log(f"val/psnr_scale{k + 1:02d}_{rec.shape[-1]}px", psnr, batch_size=bs)
         terms = self.reconstruction_loss(recs[-1], img)
         self.log_dict({f"val/{k}": v for k, v in terms.items()}, batch_size=bs)
         self.log("val/psnr", peak_signal_noise_ratio(to_unit(recs[-1]), to_unit(img), data_range=1.0), prog_bar=True, batch_size=bs)
         if batch_idx == 0 and self.global_rank == 0:
             picks = sorted({0, len(recs) // 2, len(recs) - 1})
-            self.log_images("val/scales", [to_unit(img)] + [to_unit(recs[k]) for k in picks])
+            self.log_images("val/scales", [to_unit(img)] + [to_unit(resize_like(recs[k], img)) for k in picks])

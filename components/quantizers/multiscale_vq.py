@@ -172,7 +172,7 @@ class MultiScaleVQ(Quantizer):
             loss = loss / keep
             f_hat = (f_hat - f).detach() + f if keep == len(self.patch_nums) else f_hat + (f - f.detach())
         usage = (self.ema_vocab_hit_SV[:keep] > 0).float().mean()
-        return QuantOutput(f_hat=f_hat, loss=loss, indices=indices, logs={"vq_loss": loss.detach(), "codebook_usage": usage,
+        return QuantOutput(f_hats=[f_hat], features=[f], loss=loss, indices=indices, logs={"vq_loss": loss.detach(), "codebook_usage": usage,
                                                                             "scales_kept": torch.tensor(float(keep))})
 
     @torch.no_grad()
