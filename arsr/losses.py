@@ -19,7 +19,7 @@ class LPIPS(nn.Module):
 
     def __init__(self, backbone_weights: str | None = None):
         super().__init__()
-        self.net = _LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False)
+        self.net = _LPIPS(pretrained=True, net="vgg", pnet_rand=True)
         if backbone_weights is not None:
             self._load_backbone(Path(backbone_weights))
         self.net.eval().requires_grad_(False)
