@@ -76,6 +76,11 @@ class Quantizer(nn.Module, ABC):
     dim: int
     patch_nums: tuple[int, ...]
 
+    @property
+    def output_steps(self) -> tuple[int, ...]:
+        """Number of leading scales that decode to each output image (one output by default)."""
+        return (len(self.patch_nums),)
+
     @abstractmethod
     def forward(self, f: Tensor) -> QuantOutput:
         """Training forward: f (B, C, h, w) -> :class:`QuantOutput`."""
@@ -89,5 +94,185 @@ class Quantizer(nn.Module, ABC):
         """Accumulate the first ``upto`` scales (all by default) back into f_hat (B, C, h, w)."""
 
     @abstractmethod
+    def codes(self, tokens: Tensor, si: int) -> Tensor:
+        """Tokens of scale si -> their code vectors (B, C, pn, pn)."""
+
+    @abstractmethod
+    def step_input(self, tokens: list[Tensor]) -> Tensor:
+        """Input of scale k = len(tokens) given the tokens of scales 1..k: (B, pn_k^2, C)."""
+
+    def substitute(self, f: Tensor, codes: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        """NSARM Algorithm 2: replace the first scales by ``codes`` and re-derive the tokens and
+        teacher-forcing inputs of every scale. Quantizers that support it override this."""
+        raise NotImplementedError(f"{type(self).__name__} does not support substituted scales (NSARM); use MultiScaleBSQ")
+
     def indices_to_teacher_input(self, indices: list[Tensor]) -> Tensor:
         """Teacher-forcing inputs of scales 2..K: (B, L - first, C), from the tokens of scales 1..K-1."""
+        return torch.cat([self.step_input(indices[:k]) for k in range(1, len(self.patch_nums))], dim=1)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every token sits in a next-scale sequence.
+
+    The sequence is ``[prefix tokens][scale 1][scale 2]...[scale K]``. The prefix (LR tokens,
+    a quality token, ...) comes from the conditioning; its last ``patch_nums[0]**2`` positions
+    double as the start tokens that predict scale 1 when the conditioning has no start of its
+    own. ``prefix_grids`` are the square maps the prefix is made of (for 2-D positions).
+    """
+
+    width: int
+    heads: int
+    latent_dim: int
+    patch_nums: tuple[int, ...]
+    prefix_grids: tuple[int, ...] = ()
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def prefix_len(self) -> int:
+        return sum(g * g for g in self.prefix_grids)
+
+    @property
+    def first_len(self) -> int:  # prefix + the first scale's start tokens
+        return self.prefix_len + self.patch_nums[0] ** 2
+
+    @property
+    def image_len(self) -> int:
+        return sum(p * p for p in self.patch_nums)
+
+    @property
+    def total_len(self) -> int:
+        return self.prefix_len + self.image_len
+
+    def levels(self) -> Tensor:
+        """(total_len,) scale index of each position; the prefix and scale 1 share level 0."""
+        lv = [torch.zeros(self.first_len, dtype=torch.long)]
+        lv += [torch.full((p * p,), i, dtype=torch.long) for i, p in enumerate(self.patch_nums) if i > 0]
+        return torch.cat(lv)
+
+    def grids(self) -> tuple[int, ...]:
+        """Side of the square map each position belongs to, in order: prefix maps, then scales."""
+        return self.prefix_grids + self.patch_nums
+
+
+class PositionalEncoding(nn.Module, ABC):
+    """Adds absolute embeddings and/or rotates q, k. ``bind`` creates parameters for a layout."""
+
+    @abstractmethod
+    def bind(self, layout: Layout) -> None: ...
+
+    def additive(self, start: int, end: int) -> Tensor | None:
+        """(end - start, C) embedding for image positions [start, end) (0 = first scale), or None."""
+        return None
+
+    def rotary(self, start: int, end: int) -> Tensor | None:
+        """(end - start, head_dim / 2) complex rotations for sequence positions [start, end), or None."""
+        return None
+
+
+class Conditioning(nn.Module, ABC):
+    """Turns the LR image into prefix tokens placed before the first scale."""
+
+    prefix_grids: tuple[int, ...] = ()
+
+    @abstractmethod
+    def bind(self, layout: Layout) -> None: ...
+
+    @abstractmethod
+    def forward(self, lr_up: Tensor) -> Tensor | None:
+        """lr_up (B, 3, H, W) in [-1, 1] -> (B, prefix_len, C) or None when there is no prefix."""
+
+    def attach_tokenizer(self, tokenizer: nn.Module) -> None:
+        """Called by the task with its frozen tokenizer, for conditionings built on its encoder."""
+
+
+class Head(nn.Module, ABC):
+    """Maps hidden states to token logits and scores / samples tokens."""
+
+    @abstractmethod
+    def bind(self, width: int, cond_dim: int) -> None: ...
+
+    def init_weights(self, init_head: float, init_adaln: float) -> None:
+        """Called after the transformer's own initialisation."""
+
+    @abstractmethod
+    def forward(self, h: Tensor, cond: Tensor) -> Tensor:
+        """h (B, N, C), cond (B, C) -> logits (B, N, V) or (B, N, d, 2)."""
+
+    @abstractmethod
+    def log_prob(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """Per-token log-probability (B, N) of ``tokens`` ((B, N) indices or (B, N, d) bits)."""
+
+    @abstractmethod
+    def sample(self, logits: Tensor, top_k: int, top_p: float, temperature: float, generator: torch.Generator | None) -> Tensor: ...
+
+    def token_loss(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """Per-token training loss (B, N); cross-entropy by default."""
+        return -self.log_prob(logits, tokens)
+
+    def accuracy(self, logits: Tensor, tokens: Tensor) -> Tensor:
+        """Per-token 0/1 correctness of the most likely token (B, N)."""
+        return (logits.argmax(-1) == tokens).float()
+
+
+class ScalePredictor(nn.Module, ABC):
+    """Predicts the first scales of the residual pyramid from the LR image (NSARM's transformation network)."""
+
+    num_scales: int
+
+    @abstractmethod
+    def bind(self, latent_dim: int, patch_nums: tuple[int, ...]) -> None: ...
+
+    @abstractmethod
+    def forward(self, lr_up: Tensor) -> list[Tensor]:
+        """lr_up (B, 3, H, W) in [-1, 1] -> codes of scales 1..num_scales, each (B, d, pn, pn)."""
+
+
+class Labels(ABC):
+    """Class labels of a batch for the AdaLN / start-token condition, and how to guide with them.
+
+    Attributes:
+        cfg: guidance strength at the last scale at inference (0 disables CFG).
+        neg_label: the label of the guidance's negative branch.
+    """
+
+    cfg: float = 0.0
+    neg_label: int | None = None
+
+    @abstractmethod
+    def __call__(self, batch: dict) -> Tensor:
+        """batch -> (B,) long labels."""
+
+    def inference(self, batch_size: int, device) -> Tensor:
+        """The label every image is generated with."""
+        return torch.zeros(batch_size, dtype=torch.long, device=device)
+
+
+@dataclass
+class ARContext:
+    """What a regularizer sees of one teacher-forced training step."""
+
+    model: nn.Module  # the NextScaleTransformer
+    tokenizer: nn.Module
+    batch: dict
+    labels: Tensor
+    prefix_input: Tensor | None
+    tokens: list[Tensor]  # HR tokens per scale
+    logits: Tensor  # (B, L, ...)
+    loss_mask: Tensor  # (L,) bool: positions that are trained on
+
+
+class Regularizer(nn.Module, ABC):
+    """An extra training loss on top of teacher-forced cross-entropy (DPO, ...).
+
+    ``logs`` holds extra scalars of the last call, for logging.
+    """
+
+    logs: dict[str, Tensor] = {}
+
+    @abstractmethod
+    def forward(self, ctx: ARContext) -> dict[str, Tensor]:
+        """-> named loss terms (already weighted); their sum is added to the loss."""

@@ -90,13 +90,12 @@ def test_indices_round_trip_and_teacher_input():
     assert errs[-1] < errs[0]
     x = q.indices_to_teacher_input(idx)
     assert x.shape == (2, 4 + 9 + 16, 4)
-    # the inference step reproduces teacher forcing scale by scale
-    f_hat, nxt, pos = torch.zeros(2, 4, 4, 4), [], 0
-    for si, pn in enumerate(q.patch_nums):
-        f_hat, n = q.next_input(si, f_hat, q.embed(idx[si], pn))
-        if n is not None:
-            nxt.append(n.flatten(2).transpose(1, 2))
-    assert torch.allclose(torch.cat(nxt, 1), x, atol=1e-5) and torch.allclose(f_hat, q.indices_to_fhat(idx), atol=1e-5)
+    # VAR's running update (f_hat += Phi(up(codes)), next input = area_down(f_hat)) equals step_input
+    f_hat = torch.zeros(2, 4, 4, 4)
+    for si, pn in enumerate(q.patch_nums[:-1]):
+        f_hat = f_hat + q.phi(si, torch.nn.functional.interpolate(q.embed(idx[si], pn), size=(4, 4), mode="bicubic"))
+        nxt = torch.nn.functional.interpolate(f_hat, size=(q.patch_nums[si + 1],) * 2, mode="area").flatten(2).transpose(1, 2)
+        assert torch.allclose(q.step_input(idx[: si + 1]), nxt, atol=1e-5)
 
 
 def test_varsr_last_scale_variant_adds_raw_codes():

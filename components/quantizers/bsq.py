@@ -78,6 +78,9 @@ class MultiScaleBSQ(Quantizer):
         codes = (bits.float() * 2 - 1) / self.dim**0.5
         return rearrange(codes, "b (h w) d -> b d h w", h=pn, w=pn)
 
+    def codes(self, tokens: Tensor, si: int) -> Tensor:
+        return self.codes_from_bits(tokens, self.patch_nums[si])
+
     def bsq(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """z (B, d, h, w) -> straight-through code, bits (B, h*w, d), loss."""
         zn = F.normalize(z, dim=1)
@@ -130,6 +133,10 @@ class MultiScaleBSQ(Quantizer):
         """NSARM Algorithm 1: the multi-scale residual decomposition of f."""
         return self.walk(f)[0]
 
+    def substitute(self, f: Tensor, codes: list[Tensor]) -> tuple[list[Tensor], Tensor]:
+        pyramid = relabel_after_substitution(self, f, codes)
+        return pyramid.bits, pyramid.inputs
+
     # -- Quantizer interface -----------------------------------------------------------------
     def forward(self, f: Tensor) -> QuantOutput:
         with torch.autocast(f.device.type, enabled=False):
@@ -146,12 +153,8 @@ class MultiScaleBSQ(Quantizer):
         H = self.patch_nums[-1]
         return sum(bilinear_up(self.codes_from_bits(b, pn), H) for b, pn in zip(indices[:upto], self.patch_nums))
 
-    def indices_to_teacher_input(self, indices: list[Tensor]) -> Tensor:
-        H, f_hat, out = self.patch_nums[-1], 0, []
-        for si in range(len(self.patch_nums) - 1):
-            f_hat = f_hat + bilinear_up(self.codes_from_bits(indices[si], self.patch_nums[si]), H)
-            out.append(rearrange(area_down(f_hat, self.patch_nums[si + 1]), "b d h w -> b (h w) d"))
-        return torch.cat(out, dim=1)
+    def step_input(self, tokens: list[Tensor]) -> Tensor:
+        return rearrange(area_down(self.indices_to_fhat(tokens), self.patch_nums[len(tokens)]), "b d h w -> b (h w) d")
 
 
 @torch.no_grad()

@@ -47,6 +47,10 @@ class HierarchicalRQ(MultiScaleVQ):
         if len(set(self.last_step)) != len(self.last_step) or self.last_step[0] == 0:
             raise ValueError(f"every target side in {target_sides} must add at least one step of {patch_nums}")
 
+    @property
+    def output_steps(self) -> tuple[int, ...]:
+        return self.last_step
+
     def scale_of_step(self, num_steps: int) -> int:
         """Index of the smallest output scale that contains the first ``num_steps`` steps."""
         return next(n for n, last in enumerate(self.last_step) if last >= num_steps)
@@ -99,10 +103,8 @@ class HierarchicalRQ(MultiScaleVQ):
         upto = len(indices) if upto is None else upto
         return self._accumulate(indices, upto, self.target_sides[self.scale_of_step(upto)])
 
-    def indices_to_teacher_input(self, indices: list[Tensor]) -> Tensor:
-        """Input of step i+1: steps 1..i accumulated at step i+1's output side, area-downsampled to rho_{i+1}."""
-        out = []
-        for i in range(1, len(self.patch_nums)):
-            f_hat = self._accumulate(indices, i, self.target_sides[self.scale_of_step(i + 1)])
-            out.append(area_down(f_hat, self.patch_nums[i]).flatten(2).transpose(1, 2))
-        return torch.cat(out, dim=1)
+    def step_input(self, tokens: list[Tensor]) -> Tensor:
+        """Input of step k+1: steps 1..k accumulated at step k+1's output side, area-downsampled to rho_{k+1}."""
+        k = len(tokens)
+        f_hat = self._accumulate(tokens, k, self.target_sides[self.scale_of_step(k + 1)])
+        return area_down(f_hat, self.patch_nums[k]).flatten(2).transpose(1, 2)

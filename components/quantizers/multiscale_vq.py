@@ -110,6 +110,9 @@ class MultiScaleVQ(Quantizer):
         """indices (B, pn*pn) -> codes (B, C, pn, pn)."""
         return rearrange(self.embedding(idx), "b (h w) c -> b c h w", h=pn, w=pn)
 
+    def codes(self, tokens: Tensor, si: int) -> Tensor:
+        return self.embed(tokens, self.patch_nums[si])
+
     # -- tokenisation ----------------------------------------------------------------------
     def _walk(self, f: Tensor, num_scales: int | None = None):
         """Yield (si, idx, h) over the scales, h being Phi(up(codes)) added to f_hat."""
@@ -134,22 +137,10 @@ class MultiScaleVQ(Quantizer):
             f_hat = f_hat + self.phi(si, bicubic_up(self.embed(idx, self.patch_nums[si]), H))
         return f_hat
 
-    def indices_to_teacher_input(self, indices: list[Tensor]) -> Tensor:
-        """Scale k+1 sees everything accumulated up to scale k, area-downsampled to its size."""
-        H, out = self.patch_nums[-1], []
-        f_hat = 0
-        for si in range(len(self.patch_nums) - 1):
-            f_hat = f_hat + self.phi(si, bicubic_up(self.embed(indices[si], self.patch_nums[si]), H))
-            out.append(rearrange(area_down(f_hat, self.patch_nums[si + 1]), "b c h w -> b (h w) c"))
-        return torch.cat(out, dim=1)
-
-    def next_input(self, si: int, f_hat: Tensor, codes: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Inference step: add scale si's sampled codes (B, C, pn, pn); return f_hat and the next scale's input."""
-        H = self.patch_nums[-1]
-        f_hat = f_hat + self.phi(si, bicubic_up(codes, H))
-        if si == len(self.patch_nums) - 1:
-            return f_hat, None
-        return f_hat, area_down(f_hat, self.patch_nums[si + 1])
+    def step_input(self, tokens: list[Tensor]) -> Tensor:
+        """Scale k sees everything accumulated up to scale k-1, area-downsampled to its size."""
+        f_hat = self.indices_to_fhat(tokens)
+        return rearrange(area_down(f_hat, self.patch_nums[len(tokens)]), "b c h w -> b (h w) c")
 
     # -- training forward ------------------------------------------------------------------
     def forward(self, f: Tensor) -> QuantOutput:

@@ -1,0 +1,285 @@
+"""The next-scale autoregressive transformer (VAR / VARSR / MSVAR / NSARM backbone).
+
+GPT-2-style pre-norm blocks whose LayerNorms are modulated by the condition vector
+(AdaLN: six values per block), attention with L2-normalised q/k and a learned per-head
+temperature, a block-causal mask by scale, and a KV cache for sampling. Module and parameter
+names follow the official VAR code (``blocks.{i}.attn.mat_qkv``, ``ada_lin.1``, ``class_emb``,
+``lvl_embed``, ``pos_start``, ``word_embed``), so official checkpoints convert by moving a
+handful of keys into the components that own them (see :mod:`arsr.convert`).
+
+Sequence: ``[prefix][scale 1 start tokens][scale 2 inputs] ... [scale K inputs]``; the
+positions of scale k's tokens predict scale k (the start tokens predict scale 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import DropPath
+from torch import Tensor, nn
+
+from arsr.interfaces import Conditioning, Head, Layout, PositionalEncoding, Quantizer
+
+
+def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
+    """x (B, H, N, d), freqs (N, d/2) complex: rotate adjacent channel pairs (2n, 2n+1)."""
+    xc = torch.view_as_complex(rearrange(x.float(), "... (n two) -> ... n two", two=2).contiguous())
+    return rearrange(torch.view_as_real(xc * freqs), "... n two -> ... (n two)").type_as(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, width: int, heads: int, l2_norm: bool = True):
+        super().__init__()
+        self.heads, self.head_dim, self.l2_norm = heads, width // heads, l2_norm
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.register_buffer("zero_k_bias", torch.zeros(width))
+        if l2_norm:
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
+        self.proj = nn.Linear(width, width)
+        self.cache: dict[str, Tensor] | None = None  # {} while sampling with a KV cache
+
+    def forward(self, x: Tensor, mask: Tensor | None, rope: Tensor | None) -> Tensor:
+        bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
+        q, k, v = rearrange(F.linear(x, self.mat_qkv.weight, bias), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if self.l2_norm:
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp(max=math.log(100.0)).exp()
+            k, scale = F.normalize(k, dim=-1), 1.0
+        else:
+            scale = 0.25 / math.sqrt(self.head_dim)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if self.cache is not None:  # sampling: attend to every earlier scale through the cache
+            if "k" in self.cache:
+                k, v = torch.cat([self.cache["k"], k], 2), torch.cat([self.cache["v"], v], 2)
+            self.cache["k"], self.cache["v"] = k, v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class FFN(nn.Module):
+    def __init__(self, width: int, ratio: float = 4.0):
+        super().__init__()
+        self.fc1 = nn.Linear(width, round(width * ratio))
+        self.fc2 = nn.Linear(round(width * ratio), width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNBlock(nn.Module):
+    """x += gamma1 * Attn(LN(x)(1 + scale1) + shift1); x += gamma2 * FFN(LN(x)(1 + scale2) + shift2)."""
+
+    def __init__(self, width: int, cond_dim: int, heads: int, drop_path: float = 0.0, l2_norm: bool = True):
+        super().__init__()
+        self.attn = SelfAttention(width, heads, l2_norm)
+        self.ffn = FFN(width)
+        self.ln_wo_grad = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, cond: Tensor, mask: Tensor | None, rope: Tensor | None) -> Tensor:
+        # six modulation values in VAR's order: gamma1, gamma2, scale1, scale2, shift1, shift2
+        g1, g2, s1, s2, b1, b2 = rearrange(self.ada_lin(cond), "b (six c) -> six b 1 c", six=6)
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, mask, rope) * g1)
+        return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (1 + s2) + b2) * g2)
+
+
+class NextScaleTransformer(nn.Module):
+    """VAR-family transformer.
+
+    Args:
+        depth: number of blocks; width defaults to 64 * depth and heads to depth (VAR's rule).
+        latent_dim: channels of the tokenizer latent (word_embed input).
+        patch_nums: token-map sides per scale (must match the tokenizer's quantizer).
+        num_classes: rows of ``class_emb`` (VAR 1001 with the null class 1000; VARSR 2 quality
+            classes; MSVAR 3: degraded / non-degraded / class-free).
+        cond_drop: probability that a training label is replaced by ``null_class`` (CFG).
+        null_class: the label that means "no condition" (None: no label dropout).
+        pos_enc: positional encoding component (absolute per scale, learned resampled, SA-RoPE, ...).
+        conditioning: LR conditioning component producing prefix tokens (None: no prefix).
+        head: output head component (index classifier or bitwise classifier).
+        drop_path: stochastic depth at the last block (None: VAR's 0.1 * depth / 24).
+        init_adaln_gamma: scale of the AdaLN gamma rows at init (VAR's --alng).
+    """
+
+    def __init__(
+        self,
+        pos_enc: PositionalEncoding,
+        head: Head,
+        conditioning: Conditioning | None = None,
+        depth: int = 16,
+        width: int | None = None,
+        heads: int | None = None,
+        latent_dim: int = 32,
+        patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        num_classes: int = 1001,
+        cond_drop: float = 0.1,
+        null_class: int | None = 1000,
+        drop_path: float | None = None,
+        attn_l2_norm: bool = True,
+        init_adaln: float = 0.5,
+        init_adaln_gamma: float = 1e-5,
+        init_head: float = 0.02,
+    ):
+        super().__init__()
+        width = width or 64 * depth
+        heads = heads or depth
+        self.layout = Layout(width, heads, latent_dim, tuple(patch_nums), conditioning.prefix_grids if conditioning else ())
+        L = self.layout
+        if null_class is not None and not 0 <= null_class < num_classes:
+            raise ValueError(f"null_class {null_class} is not a row of class_emb (num_classes={num_classes})")
+        self.cond_drop, self.null_class, self.num_classes = cond_drop, null_class, num_classes
+        self.pos_start = nn.Parameter(torch.empty(1, L.first_len, width))
+        self.word_embed = nn.Linear(latent_dim, width)
+        self.class_emb = nn.Embedding(num_classes, width)
+        self.lvl_embed = nn.Embedding(len(patch_nums), width)
+        self.register_buffer("lvl_1L", L.levels()[None], persistent=False)
+        self.conditioning = conditioning
+        self.pos_enc = pos_enc
+        dp = 0.1 * depth / 24 if drop_path is None else drop_path
+        self.blocks = nn.ModuleList(AdaLNBlock(width, width, heads, r, attn_l2_norm) for r in torch.linspace(0, dp, depth).tolist())
+        self.head = head
+        for component in (pos_enc, conditioning):
+            if component is not None:
+                component.bind(L)
+        head.bind(width, width)
+        self.init_weights(init_adaln, init_adaln_gamma, init_head)
+
+    # -- initialisation (VAR's recipe) ------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float) -> None:
+        std = math.sqrt(1 / (3 * self.layout.width))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=std)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_start, std=std)
+        depth, width = len(self.blocks), self.layout.width
+        for block in self.blocks:
+            block.attn.proj.weight.div_(math.sqrt(2 * depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+            w = block.ada_lin[-1].weight
+            w[2 * width :].mul_(init_adaln)
+            w[: 2 * width].mul_(init_adaln_gamma)
+        self.head.init_weights(init_head, init_adaln)
+
+    # -- sequence assembly ------------------------------------------------------------------
+    def condition(self, label: Tensor) -> Tensor:
+        """Labels (B,) -> cond (B, C); in training, labels drop to ``null_class`` with prob cond_drop."""
+        if self.training and self.null_class is not None and self.cond_drop > 0:
+            drop = torch.rand(label.shape, device=label.device) < self.cond_drop
+            label = torch.where(drop, torch.full_like(label, self.null_class), label)
+        return self.class_emb(label)
+
+    def first_block(self, cond: Tensor, prefix: Tensor | None) -> Tensor:
+        """(B, first_len, C): prefix tokens + start tokens (the class embedding) + pos_start."""
+        start = cond[:, None].expand(-1, self.layout.patch_nums[0] ** 2, -1)
+        x = start if prefix is None else torch.cat([prefix, start], dim=1)
+        return x + self.pos_start
+
+    def _add_position(self, x: Tensor, start: int) -> Tensor:
+        """Level and absolute embeddings for sequence positions [start, start + N)."""
+        end = start + x.shape[1]
+        x = x + self.lvl_embed(self.lvl_1L[0, start:end])
+        p0 = self.layout.prefix_len  # additive embeddings cover image positions only
+        add = self.pos_enc.additive(max(start, p0) - p0, end - p0) if end > p0 else None
+        if add is not None:
+            x = torch.cat([x[:, : max(p0 - start, 0)], x[:, max(p0 - start, 0) :] + add], dim=1)
+        return x
+
+    def mask(self, device) -> Tensor:
+        """(T, T) additive mask: a position sees its own and every coarser scale, never a finer one."""
+        lv = self.lvl_1L[0].to(device)
+        return torch.where(lv[:, None] >= lv[None, :], 0.0, float("-inf"))
+
+    def run_blocks(self, x: Tensor, cond: Tensor, start: int, mask: Tensor | None) -> Tensor:
+        rope = self.pos_enc.rotary(start, start + x.shape[1])
+        for block in self.blocks:
+            x = block(x, cond, mask, rope)
+        return x
+
+    # -- teacher-forced forward -------------------------------------------------------------
+    def forward(self, label: Tensor, inputs: Tensor, prefix_input: Tensor | None = None, return_hidden: bool = False):
+        """label (B,), inputs (B, L - pn1^2, latent_dim) teacher-forcing inputs, prefix_input: LR for
+        the conditioning -> logits for every image position (B, L, ...) (and hidden states (B, L, C))."""
+        cond = self.condition(label)
+        prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
+        x = torch.cat([self.first_block(cond, prefix), self.word_embed(inputs.to(self.word_embed.weight.dtype))], dim=1)
+        x = self._add_position(x, 0)
+        h = self.run_blocks(x, cond, 0, self.mask(x.device).to(x.dtype))[:, self.layout.prefix_len :]
+        logits = self.head(h, cond)
+        return (logits, h) if return_hidden else logits
+
+    # -- sampling ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        quantizer: Quantizer,
+        label: Tensor,
+        prefix_input: Tensor | None = None,
+        cfg: float = 0.0,
+        neg_label: int | None = None,
+        top_k: int = 0,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        return_hidden: bool = False,
+        forced: list[Tensor] | None = None,
+    ):
+        """Sample every scale's tokens. CFG (cfg > 0) doubles the batch with ``neg_label`` and uses
+        guided = (1 + t) cond - t uncond with t rising linearly from 0 at scale 1 to cfg at scale K.
+        ``forced`` gives the tokens of the first scales instead of sampling them (NSARM)."""
+        forced = forced or []
+        K, B = len(self.layout.patch_nums), label.shape[0]
+        guided = cfg > 0
+        if guided:
+            neg = self.null_class if neg_label is None else neg_label
+            label = torch.cat([label, torch.full_like(label, neg)])
+            prefix_input = None if prefix_input is None else torch.cat([prefix_input, prefix_input])
+        was_training = self.training
+        self.eval()
+        cond = self.class_emb(label)
+        prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
+        first = self.first_block(cond, prefix)
+        tokens: list[Tensor] = []
+        last_hidden = None
+        for block in self.blocks:
+            block.attn.cache = {} if use_cache else None
+        try:
+            pos, x_all = 0, None
+            for si, pn in enumerate(self.layout.patch_nums):
+                x = first if si == 0 else self.word_embed(quantizer.step_input([t[:B] for t in tokens]).to(first.dtype)).repeat(1 + guided, 1, 1)
+                x = self._add_position(x, pos)
+                if use_cache:
+                    h = self.run_blocks(x, cond, pos, None)
+                else:  # recompute the whole prefix of the sequence under the block-causal mask
+                    x_all = x if x_all is None else torch.cat([x_all, x], dim=1)
+                    n = x_all.shape[1]
+                    h = self.run_blocks(x_all, cond, 0, self.mask(x.device)[:n, :n].to(x.dtype))
+                h = h[:, -pn * pn :]
+                logits = self.head(h, cond)
+                if guided:
+                    t = cfg * si / max(K - 1, 1)
+                    logits = (1 + t) * logits[:B] - t * logits[B:]
+                tok = forced[si] if si < len(forced) else self.head.sample(logits, top_k, top_p, temperature, generator)
+                tokens.append(torch.cat([tok, tok]) if guided else tok)
+                pos += x.shape[1]
+                last_hidden = h
+        finally:
+            for block in self.blocks:
+                block.attn.cache = None
+            self.train(was_training)
+        tokens = [t[:B] for t in tokens]
+        return (tokens, last_hidden, cond) if return_hidden else tokens

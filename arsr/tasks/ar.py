@@ -1,0 +1,236 @@
+"""Next-scale AR training: NSARM stage 1 (TransformAlign) and full fine-tuning (ARFinetune)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from arsr.checkpoint import load_into, load_weights
+from arsr.interfaces import ARContext, Labels, Regularizer, ScalePredictor
+from arsr.nn.transformer import NextScaleTransformer
+from arsr.nn.vae import VQVAE
+from arsr.components.refiners import DiffusionRefiner
+
+from .base import ARSRTask, adamw
+
+
+class _TokenizerTask(ARSRTask):
+    """Shared by the AR tasks: a frozen tokenizer, optionally loaded from safetensors."""
+
+    def __init__(self, tokenizer: VQVAE, tokenizer_from: str | None, optimizer, lr_scheduler, init_from, image_log_every):
+        super().__init__(optimizer, lr_scheduler, init_from, image_log_every)
+        if tokenizer_from:
+            load_into(tokenizer, load_weights(tokenizer_from), f"tokenizer_from={tokenizer_from}")
+        self.tokenizer = tokenizer.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True):  # the tokenizer stays frozen in eval mode
+        super().train(mode)
+        self.tokenizer.eval()
+        return self
+
+    @property
+    def quantizer(self):
+        return self.tokenizer.quantize
+
+    def state_dict(self, *args, **kwargs):  # the frozen tokenizer is an input, not a result
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("tokenizer.")}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        state_dict = dict(state_dict) | {f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def init_module_from(self) -> nn.Module:
+        return nn.ModuleDict({n: m for n, m in self.named_children() if n != "tokenizer"})
+
+    @staticmethod
+    def images(batch: dict) -> tuple[Tensor, Tensor]:
+        return batch["hr"] * 2 - 1, batch["lr_up"] * 2 - 1
+
+
+class TransformAlign(_TokenizerTask):
+    """NSARM stage 1: train the transformation network to predict the first scales' codes of the
+    HR residual pyramid from the LR image (MSE); tokenizer (and transformer) frozen.
+
+    Args:
+        scale_predictor: the transformation network.
+        tokenizer: the (BSQ) tokenizer whose pyramid is the target.
+        tokenizer_from: its safetensors weights.
+    """
+
+    def __init__(self, scale_predictor: ScalePredictor, tokenizer: VQVAE, tokenizer_from: str | None = None,
+                 optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
+                 init_from: str | None = None, image_log_every: int = 500):
+        super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        scale_predictor.bind(tokenizer.quantize.dim, tokenizer.quantize.patch_nums)
+        self.scale_predictor = scale_predictor
+
+    def targets(self, hr: Tensor) -> list[Tensor]:
+        with torch.no_grad():
+            tokens = self.tokenizer.img_to_indices(hr)
+            return [self.quantizer.codes(tokens[i], i) for i in range(self.scale_predictor.num_scales)]
+
+    def step(self, batch: dict, stage: str) -> Tensor:
+        hr, lr_up = self.images(batch)
+        pred = self.scale_predictor(lr_up)
+        per_scale = [F.mse_loss(p, t) for p, t in zip(pred, self.targets(hr))]
+        loss = torch.stack(per_scale).mean()
+        bs = hr.shape[0]
+        self.log_dict({f"{stage}/mse_scale{i + 1}": l for i, l in enumerate(per_scale)}, batch_size=bs)
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs)
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self.log_data_stats(batch)
+        return self.step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.step(batch, "val")
+
+
+class ARFinetune(_TokenizerTask):
+    """Teacher-forced next-scale training of the transformer on tokens of the frozen tokenizer.
+
+    Args:
+        transformer: the next-scale transformer (with its positional encoding, conditioning, head).
+        tokenizer: frozen tokenizer giving the target tokens (VQ indices or BSQ bits).
+        labels: label policy (quality CFG, degradation classes, constant).
+        regularizer: optional extra loss (e.g. DPO).
+        refiner: optional diffusion refiner of the last scale's residual.
+        scale_predictor: NSARM stage 2: a transformation network whose predictions replace the
+            first scales; later scales' inputs and labels are re-derived from them (Algorithm 2)
+            and only they are trained on.
+        tokenizer_from: safetensors weights of the tokenizer.
+        init_from: safetensors weights of everything else (transformer, refiner, scale predictor).
+        sample_top_k, sample_top_p, sample_steps_cfg: validation sampling settings.
+    """
+
+    def __init__(
+        self,
+        transformer: NextScaleTransformer,
+        tokenizer: VQVAE,
+        labels: Labels,
+        regularizer: Regularizer | None = None,
+        refiner: DiffusionRefiner | None = None,
+        scale_predictor: ScalePredictor | None = None,
+        tokenizer_from: str | None = None,
+        optimizer: OptimizerCallable = adamw,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        init_from: str | None = None,
+        image_log_every: int = 500,
+        sample_top_k: int = 1,
+        sample_top_p: float = 0.0,
+        val_samples: int = 4,
+    ):
+        super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if tuple(transformer.layout.patch_nums) != tuple(tokenizer.quantize.patch_nums):
+            raise ValueError(f"transformer patch_nums {transformer.layout.patch_nums} != tokenizer's {tokenizer.quantize.patch_nums}")
+        self.transformer, self.labels, self.regularizer, self.refiner = transformer, labels, regularizer, refiner
+        if scale_predictor is not None:
+            scale_predictor.bind(tokenizer.quantize.dim, tokenizer.quantize.patch_nums)
+        self.scale_predictor = scale_predictor
+        if transformer.conditioning is not None:
+            transformer.conditioning.attach_tokenizer(self.tokenizer)
+        self.sample_top_k, self.sample_top_p, self.val_samples = sample_top_k, sample_top_p, val_samples
+        pns = tokenizer.quantize.patch_nums
+        self.scale_bounds = torch.tensor([0] + [p * p for p in pns]).cumsum(0).tolist()
+
+    def targets(self, hr: Tensor, lr_up: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """-> tokens per scale, teacher-forcing inputs, latent f, and the (L,) mask of trained positions."""
+        with torch.no_grad():
+            f = self.tokenizer.encode(hr)
+        L = self.scale_bounds[-1]
+        mask = torch.ones(L, dtype=torch.bool, device=hr.device)
+        if self.scale_predictor is None:
+            with torch.no_grad():
+                tokens = self.quantizer.f_to_indices(f)
+                inputs = self.quantizer.indices_to_teacher_input(tokens)
+            return tokens, inputs, f, mask
+        pred = [p.detach() for p in self.scale_predictor(lr_up)]
+        tokens, inputs = self.quantizer.substitute(f, pred)
+        mask[: self.scale_bounds[len(pred)]] = False  # substituted scales are given, not predicted
+        return tokens, inputs, f, mask
+
+    def refiner_loss(self, h: Tensor, logits: Tensor, tokens: list[Tensor], f: Tensor) -> Tensor:
+        """Refine the last scale: target = what remains of f after scales 1..K-1 and the model's own last token."""
+        K, n_last = len(tokens), tokens[-1].shape[1]
+        with torch.no_grad():
+            idx_hat = logits[:, -n_last:].argmax(-1)
+            code = self.quantizer.codes(idx_hat, K - 1)  # (B, d, pn, pn)
+            rest = f.float() - self.quantizer.indices_to_fhat(tokens, upto=K - 1)
+            target = rearrange(rest - code, "b d h w -> b (h w) d")
+        code_embed = self.transformer.word_embed(rearrange(code, "b d h w -> b (h w) d"))
+        return self.refiner.loss(h[:, -n_last:], code_embed, target)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self.log_data_stats(batch)
+        hr, lr_up = self.images(batch)
+        tokens, inputs, f, mask = self.targets(hr, lr_up)
+        labels = self.labels(batch)
+        logits, h = self.transformer(labels, inputs, lr_up, return_hidden=True)
+        flat = torch.cat(tokens, dim=1)
+        ce = self.transformer.head.token_loss(logits, flat)[:, mask].mean()
+        terms = {"ce": ce}
+        if self.regularizer is not None:
+            terms |= self.regularizer(ARContext(self.transformer, self.tokenizer, batch, labels, lr_up, tokens, logits, mask))
+        if self.refiner is not None:
+            terms["refiner"] = self.refiner_loss(h, logits, tokens, f)
+        loss = sum(terms.values())
+        bs = hr.shape[0]
+        acc = self.transformer.head.accuracy(logits.detach(), flat)[:, mask].mean()
+        logs = {f"train/{k}": v for k, v in terms.items()} | {"train/acc": acc}
+        if self.regularizer is not None:
+            logs |= {f"train/{k}": v for k, v in self.regularizer.logs.items()}
+        self.log_dict(logs, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        return loss
+
+    # -- super-resolution -------------------------------------------------------------------
+    @torch.no_grad()
+    def super_resolve(self, lr_up: Tensor, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                      temperature: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True) -> list[Tensor]:
+        """lr_up (B, 3, H, W) in [-1, 1] -> SR images in [-1, 1], one per output scale of the tokenizer
+        (one for VQ/BSQ; 1x/2x/4x for hierarchical RQ)."""
+        B = lr_up.shape[0]
+        cfg = self.labels.cfg if cfg is None else cfg
+        forced = None
+        if self.scale_predictor is not None:  # NSARM: the first scales come from the LR image
+            forced = [rearrange(c > 0, "b d h w -> b (h w) d").long() for c in self.scale_predictor(lr_up)]
+        tokens, h_last, cond = self.transformer.generate(
+            self.quantizer, self.labels.inference(B, lr_up.device), lr_up, cfg=cfg, neg_label=self.labels.neg_label,
+            top_k=self.sample_top_k if top_k is None else top_k, top_p=self.sample_top_p if top_p is None else top_p,
+            temperature=temperature, generator=generator, use_cache=use_cache, return_hidden=True, forced=forced)
+        K = len(tokens)
+        f_hat = self.quantizer.indices_to_fhat(tokens)
+        if self.refiner is not None:
+            code = self.quantizer.codes(tokens[-1], K - 1)
+            code_embed = self.transformer.word_embed(rearrange(code, "b d h w -> b (h w) d"))
+            code_embed = torch.cat([code_embed, code_embed]) if cfg > 0 else code_embed
+            res = self.refiner.sample(h_last, code_embed, cfg=cfg, generator=generator)
+            f_hat = f_hat + rearrange(res, "b (h w) d -> b d h w", h=f_hat.shape[-2])
+        # every decodable output (1x / 2x / 4x for hierarchical RQ); the refined one last
+        return [self.tokenizer.decode(self.quantizer.indices_to_fhat(tokens, upto=k)) for k in self.quantizer.output_steps[:-1]] + \
+            [self.tokenizer.decode(f_hat)]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        hr, lr_up = self.images(batch)
+        tokens, inputs, f, mask = self.targets(hr, lr_up)
+        labels = self.labels(batch)
+        logits = self.transformer(labels, inputs, lr_up)
+        flat = torch.cat(tokens, dim=1)
+        bs = hr.shape[0]
+        self.log("val/ce", self.transformer.head.token_loss(logits, flat)[:, mask].mean(), batch_size=bs, prog_bar=True)
+        self.log("val/acc", self.transformer.head.accuracy(logits, flat)[:, mask].mean(), batch_size=bs)
+        if batch_idx == 0 and self.val_samples > 0:
+            n = min(self.val_samples, bs)
+            g = torch.Generator(device=hr.device).manual_seed(0)
+            sr = self.super_resolve(lr_up[:n], generator=g)[-1]
+            psnr = peak_signal_noise_ratio((sr + 1) / 2, (hr[:n] + 1) / 2, data_range=1.0)
+            self.log("val/sample_psnr", psnr, batch_size=n)
+            if self.global_rank == 0:
+                self.log_images("val/lr_sr_hr", [(lr_up[:n] + 1) / 2, (sr + 1) / 2, (hr[:n] + 1) / 2])

@@ -1,0 +1,7 @@
+"""LR conditioning: prefix tokens, tokenizer-encoder features, NSARM's transformation network, labels."""
+
+from .labels import ConstantLabel, DegradationClasses, QualityCFG
+from .prefix import EncoderFeatures, PrefixTokens
+from .transformation import TransformationNet
+
+__all__ = ["ConstantLabel", "DegradationClasses", "EncoderFeatures", "PrefixTokens", "QualityCFG", "TransformationNet"]

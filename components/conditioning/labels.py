@@ -1,0 +1,53 @@
+"""Label policies: which class each training sample gets, and how inference guides with them."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from arsr.interfaces import Labels
+
+
+class ConstantLabel(Labels):
+    """Every sample gets ``label`` (e.g. VAR's class-to-image checkpoints fine-tuned without classes)."""
+
+    def __init__(self, label: int = 0, cfg: float = 0.0, neg_label: int | None = None):
+        self.label, self.cfg, self.neg_label = label, cfg, neg_label
+
+    def __call__(self, batch: dict) -> Tensor:
+        return torch.full((len(batch["hr"]),), self.label, dtype=torch.long, device=batch["hr"].device)
+
+    def inference(self, batch_size: int, device) -> Tensor:
+        return torch.full((batch_size,), self.label, dtype=torch.long, device=device)
+
+
+class QualityCFG(ConstantLabel):
+    """VARSR's image-based CFG: positive (high-quality) and negative samples are two classes.
+
+    Shard quality labels map to ``positive`` / ``negative`` (unlabelled samples count as
+    positive); inference asks for ``positive`` and guides away from ``negative`` with a
+    strength rising linearly over the scales to ``cfg``.
+    """
+
+    def __init__(self, positive: int = 0, negative: int = 1, cfg: float = 6.0):
+        super().__init__(positive, cfg, negative)
+        self.positive, self.negative = positive, negative
+
+    def __call__(self, batch: dict) -> Tensor:
+        q = batch["quality"]  # 1 positive, 0 negative, -1 unlabelled
+        return torch.where(q == 0, self.negative, self.positive).long()
+
+
+class DegradationClasses(ConstantLabel):
+    """MSVAR's three classes: degraded / non-degraded (bilinear-only LR) / class-free.
+
+    The class-free row is the model's ``null_class`` (label dropout); inference uses
+    ``infer_label`` (degraded for real-world inputs).
+    """
+
+    def __init__(self, degraded: int = 0, clean: int = 1, class_free: int = 2, infer_label: int = 0, cfg: float = 0.0):
+        super().__init__(infer_label, cfg, class_free)
+        self.degraded, self.clean = degraded, clean
+
+    def __call__(self, batch: dict) -> Tensor:
+        return torch.where(batch["degraded"], self.degraded, self.clean).long()

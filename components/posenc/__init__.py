@@ -1,0 +1,6 @@
+"""Positional encodings of next-scale sequences."""
+
+from .absolute import AbsolutePerScale, LearnedResampled
+from .rope import SARoPE
+
+__all__ = ["AbsolutePerScale", "LearnedResampled", "SARoPE"]

@@ -1,0 +1,206 @@
+"""VARSR's diffusion refiner: a per-token MLP denoiser that adds the continuous residual the
+last scale's discrete token could not represent (after MAR's DiffLoss).
+
+Training: z = LN(h_last + word_embed(code)) conditions an AdaLN MLP that predicts the noise
+(and an interpolated variance) of ``(f_rest_before_last - code) / latent_scale`` under a cosine
+schedule of 1000 steps; loss = MSE(eps) + variational bound. Sampling: 10 respaced ancestral
+steps from pure noise, x0 clipped to [-1, 1], optional CFG on eps.
+Parameter names follow VARSR (``decoder_norm``, ``diffloss.net.*``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+
+def cosine_betas(T: int, max_beta: float = 0.999) -> Tensor:
+    abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)], dtype=torch.float64)
+
+
+def respaced_steps(T: int, n: int) -> list[int]:
+    """n timesteps evenly covering 0..T-1, first and last included (iDDPM's section counts)."""
+    stride = (T - 1) / (n - 1) if n > 1 else 0
+    return [round(i * stride) for i in range(n)]
+
+
+class GaussianDiffusion:
+    """Epsilon-prediction DDPM with learned-range variance over a given set of timesteps."""
+
+    def __init__(self, betas: Tensor, timestep_map: list[int] | None = None):
+        self.betas = betas
+        self.T = len(betas)
+        self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(self.T))
+        acp = torch.cumprod(1 - betas, 0)
+        acp_prev = torch.cat([torch.ones(1, dtype=acp.dtype), acp[:-1]])
+        self.acp, self.acp_prev = acp, acp_prev
+        self.post_var = betas * (1 - acp_prev) / (1 - acp)
+        self.post_log_var = torch.log(torch.cat([self.post_var[1:2], self.post_var[1:]]))
+        self.post_c0 = betas * acp_prev.sqrt() / (1 - acp)
+        self.post_ct = (1 - acp_prev) * (1 - betas).sqrt() / (1 - acp)
+
+    @classmethod
+    def respaced(cls, base_betas: Tensor, steps: list[int]) -> "GaussianDiffusion":
+        acp = torch.cumprod(1 - base_betas, 0)
+        last, betas = 1.0, []
+        for t in steps:
+            betas.append(1 - acp[t] / last)
+            last = acp[t]
+        return cls(torch.stack(betas), steps)
+
+    def _at(self, arr: Tensor, t: Tensor, like: Tensor) -> Tensor:
+        return arr.to(like.device)[t].float().view(-1, *([1] * (like.ndim - 1)))
+
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        return self._at(self.acp.sqrt(), t, x0) * x0 + self._at((1 - self.acp).sqrt(), t, x0) * noise
+
+    def p_mean_var(self, eps: Tensor, v: Tensor, x: Tensor, t: Tensor, clip: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """-> mean, log variance of p(x_{t-1} | x_t), and predicted x0."""
+        frac = (v + 1) / 2
+        log_var = frac * self._at(torch.log(self.betas), t, x) + (1 - frac) * self._at(self.post_log_var, t, x)
+        x0 = self._at((1 / self.acp).sqrt(), t, x) * x - self._at((1 / self.acp - 1).sqrt(), t, x) * eps
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean = self._at(self.post_c0, t, x) * x0 + self._at(self.post_ct, t, x) * x
+        return mean, log_var, x0
+
+    def training_loss(self, net, x0: Tensor, cond: Tensor) -> Tensor:
+        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        xt = self.q_sample(x0, t, noise)
+        eps, v = net(xt, self.timestep_map.to(x0.device)[t], cond).chunk(2, dim=-1)
+        mse = (eps - noise).pow(2).mean(-1)
+        # variational bound with the mean frozen: trains only the variance interpolation
+        mean, log_var, _ = self.p_mean_var(eps.detach(), v, xt, t, clip=False)
+        true_mean = self._at(self.post_c0, t, x0) * x0 + self._at(self.post_ct, t, x0) * xt
+        true_log_var = self._at(self.post_log_var, t, x0)
+        kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var) + (true_mean - mean) ** 2 * torch.exp(-log_var))
+        nll = 0.5 * (math.log(2 * math.pi) + log_var + (x0 - mean) ** 2 * torch.exp(-log_var))  # t == 0
+        vb = torch.where(t[:, None] == 0, nll, kl).mean(-1) / math.log(2.0)
+        return (mse + vb).mean()
+
+    @torch.no_grad()
+    def sample(self, net, cond: Tensor, dim: int, cfg: float = 0.0, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """cond (N, C) -> x0 (N, dim); with cfg > 0, cond holds [positive; negative] halves and N/2 samples come back."""
+        n = cond.shape[0] // 2 if cfg > 0 else cond.shape[0]
+        x = torch.randn(n, dim, generator=generator, device=cond.device)
+        for i in reversed(range(self.T)):
+            t = torch.full((n,), i, device=cond.device, dtype=torch.long)
+            xin = torch.cat([x, x]) if cfg > 0 else x
+            eps, v = net(xin, self.timestep_map.to(cond.device)[torch.cat([t, t]) if cfg > 0 else t], cond).chunk(2, dim=-1)
+            if cfg > 0:
+                eps = (1 + cfg) * eps[:n] - cfg * eps[n:]
+                v = v[:n]
+            mean, log_var, _ = self.p_mean_var(eps, v, x, t, clip=True)
+            noise = torch.randn(x.shape, generator=generator, device=x.device) * temperature
+            x = mean + (torch.exp(0.5 * log_var) * noise if i > 0 else 0)
+        return x
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: Tensor) -> Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        shift, scale, gate = self.adaLN_modulation(y).chunk(3, dim=-1)
+        return x + gate * self.mlp(self.in_ln(x) * (1 + scale) + shift)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.linear = nn.Linear(width, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
+class SimpleMLPAdaLN(nn.Module):
+    """Per-token denoiser: (x_t (N, d), t (N,), cond (N, C)) -> (eps, v) (N, 2d)."""
+
+    def __init__(self, in_channels: int, width: int, depth: int, cond_dim: int):
+        super().__init__()
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_dim, width)
+        self.input_proj = nn.Linear(in_channels, width)
+        self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
+        self.final_layer = FinalLayer(width, 2 * in_channels)
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        y = self.time_embed(t) + self.cond_embed(cond)
+        x = self.input_proj(x)
+        for block in self.res_blocks:
+            x = block(x, y)
+        return self.final_layer(x, y)
+
+
+class DiffLoss(nn.Module):
+    def __init__(self, in_channels: int, width: int, depth: int, cond_dim: int):
+        super().__init__()
+        self.net = SimpleMLPAdaLN(in_channels, width, depth, cond_dim)
+
+
+class DiffusionRefiner(nn.Module):
+    """Args:
+        latent_dim: channels of the tokenizer latent (32).
+        cond_dim: transformer width C.
+        width, depth: MLP width and residual blocks (VARSR: 1024, 6).
+        train_steps, sample_steps: diffusion steps (1000) and respaced sampling steps (10).
+        latent_scale: the residual is divided by this before diffusion (VARSR: 0.6).
+        batch_mul: timesteps drawn per token and step (VARSR: 4).
+        weight: lambda, the refiner loss weight in the total loss (VARSR: 2.0).
+    """
+
+    def __init__(self, latent_dim: int = 32, cond_dim: int = 1536, width: int = 1024, depth: int = 6,
+                 train_steps: int = 1000, sample_steps: int = 10, latent_scale: float = 0.6, batch_mul: int = 4,
+                 weight: float = 2.0):
+        super().__init__()
+        self.latent_dim, self.latent_scale, self.batch_mul, self.weight = latent_dim, latent_scale, batch_mul, weight
+        self.decoder_norm = nn.LayerNorm(cond_dim, eps=1e-6)
+        self.diffloss = DiffLoss(latent_dim, width, depth, cond_dim)
+        betas = cosine_betas(train_steps)
+        self.train_diffusion = GaussianDiffusion(betas)
+        self.sample_diffusion = GaussianDiffusion.respaced(betas, respaced_steps(train_steps, sample_steps))
+
+    def condition(self, h_last: Tensor, code_embed: Tensor) -> Tensor:
+        """h_last, code_embed (B, N, C) -> per-token conditions (B*N, C)."""
+        return rearrange(self.decoder_norm(h_last + code_embed), "b n c -> (b n) c")
+
+    def loss(self, h_last: Tensor, code_embed: Tensor, target: Tensor) -> Tensor:
+        """target (B, N, d): continuous residual after the last scale's code -> weighted loss."""
+        cond = repeat(self.condition(h_last, code_embed), "n c -> (m n) c", m=self.batch_mul)
+        x0 = repeat(rearrange(target, "b n d -> (b n) d") / self.latent_scale, "n d -> (m n) d", m=self.batch_mul)
+        return self.weight * self.train_diffusion.training_loss(self.diffloss.net, x0.float(), cond.float())
+
+    @torch.no_grad()
+    def sample(self, h_last: Tensor, code_embed: Tensor, cfg: float = 0.0, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """-> residual (B', N, d) to add to f_hat (B' = B, or B / 2 with CFG halves)."""
+        cond = self.condition(h_last, code_embed).float()
+        x = self.sample_diffusion.sample(self.diffloss.net, cond, self.latent_dim, cfg, temperature, generator)
+        return rearrange(x * self.latent_scale, "(b n) d -> b n d", n=h_last.shape[1])

@@ -1,0 +1,5 @@
+"""Extra training losses on top of next-scale cross-entropy."""
+
+from .dpo import DPO
+
+__all__ = ["DPO"]
