@@ -1,0 +1,158 @@
+"""Next-scale transformer: mask, KV cache, SA-RoPE, CFG, DPO, heads, official layout."""
+
+import math
+
+import pytest
+import torch
+
+from arsr.components.conditioning import EncoderFeatures, PrefixTokens
+from arsr.components.heads import BitwiseHead, IndexHead, sample_top_k_top_p
+from arsr.components.posenc import AbsolutePerScale, LearnedResampled, SARoPE
+from arsr.components.posenc.rope import rope_2d_table
+from arsr.components.quantizers import MultiScaleVQ
+from arsr.components.regularizers.dpo import dpo_loss
+from arsr.nn.transformer import NextScaleTransformer, apply_rotary
+
+PN = (1, 2, 3, 4)
+
+
+def tiny(pos=None, head=None, cond=None, **kw):
+    kw = dict(depth=2, width=32, heads=2, latent_dim=4, patch_nums=PN, num_classes=3, null_class=2, cond_drop=0.0, drop_path=0.0) | kw
+    torch.manual_seed(0)
+    m = NextScaleTransformer(pos or AbsolutePerScale(), head or IndexHead(16), cond, **kw)
+    with torch.no_grad():  # VAR initialises the AdaLN gammas near 0: make the blocks matter in tests
+        for b in m.blocks:
+            b.ada_lin[-1].weight.normal_(0, 0.05)
+    return m.eval()
+
+
+def test_mask_no_scale_sees_a_later_one():
+    m = tiny(cond=PrefixTokens((4, 8, 16), grid=2))
+    mask = m.mask("cpu")
+    lv = m.lvl_1L[0]
+    assert mask.shape == (4 + 30, 4 + 30)
+    visible = mask == 0
+    assert torch.equal(visible, lv[:, None] >= lv[None, :])
+    assert visible[:5, :5].all()  # prefix + start block is bidirectional
+    assert not visible[5, 9] and visible[9, 5]  # a 2x2 token does not see 3x3, and vice versa it does
+
+
+def test_changing_a_later_scale_never_changes_earlier_logits():
+    m = tiny()
+    label, x = torch.tensor([0, 1]), torch.randn(2, 29, 4)
+    base = m(label, x)
+    x2 = x.clone()
+    x2[:, 4 + 9 :] += 1.0  # perturb the inputs of the 4x4 scale (sequence positions 14..29)
+    out = m(label, x2)
+    assert torch.allclose(out[:, :14], base[:, :14], atol=1e-5) and not torch.allclose(out[:, 14:], base[:, 14:])
+
+
+@pytest.mark.parametrize("pos", [AbsolutePerScale, SARoPE, lambda: LearnedResampled(grid=8)])
+@pytest.mark.parametrize("cond", [None, lambda: PrefixTokens((4, 8, 16), grid=2)])
+def test_kv_cache_sampling_equals_full_forward(pos, cond):
+    m = tiny(pos(), cond=cond() if cond else None)
+    q = MultiScaleVQ(16, 4, PN)
+    lr = torch.rand(2, 3, 8, 8) * 2 - 1
+    label = torch.tensor([0, 1])
+    g = lambda: torch.Generator().manual_seed(3)
+    a = m.generate(q, label, lr, cfg=1.5, neg_label=2, top_k=5, top_p=0.9, generator=g(), use_cache=True)
+    b = m.generate(q, label, lr, cfg=1.5, neg_label=2, top_k=5, top_p=0.9, generator=g(), use_cache=False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # and the teacher-forced forward on the sampled tokens gives the same greedy choices
+    greedy = m.generate(q, label, lr, top_k=1)
+    logits = m(label, q.indices_to_teacher_input(greedy), lr)
+    assert torch.equal(logits.argmax(-1), torch.cat(greedy, 1))
+
+
+def test_sa_rope_invariants():
+    t = rope_2d_table((4, 1, 2, 4), head_dim=8, theta=10000.0, align_to=4)
+    assert t.shape == (16 + 1 + 4 + 16, 4) and torch.allclose(t.abs(), torch.ones_like(t.real))
+    prefix, start, s2, s4 = t[:16], t[16], t[17:21], t[21:]
+    assert torch.allclose(prefix, s4)  # LR prefix tokens share the final scale's coordinates
+    assert torch.allclose(start, torch.ones_like(start))  # the 1x1 token sits at (0, 0)
+    assert torch.allclose(s2[3], s4[2 * 4 + 2])  # 2x2 token (1, 1) is at (2, 2) of the 4x4 grid
+    # relative: q.k after rotation depends only on the coordinate difference
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    dot = lambda i, j: (apply_rotary(q, t[i : i + 1]) * apply_rotary(k, t[j : j + 1])).sum()
+    assert torch.allclose(dot(21 + 1, 21 + 0), dot(21 + 5, 21 + 4), atol=1e-5)
+    assert not torch.allclose(dot(21 + 1, 21 + 0), dot(21 + 2, 21 + 0))
+    plain = rope_2d_table((2,), head_dim=8, theta=10000.0, align_to=None)
+    assert torch.allclose(plain[3], rope_2d_table((4,), 8, 10000.0, None)[5])  # (1, 1) on its own grid
+
+
+def test_cfg_formula():
+    m = tiny()
+    q = MultiScaleVQ(16, 4, PN)
+    label, cfg = torch.tensor([0]), 3.0
+    seen = []
+    orig = m.head.sample
+    m.head.sample = lambda logits, *a: seen.append(logits) or orig(logits, 1, 0.0, 1.0, None)
+    toks = m.generate(q, label, cfg=cfg, neg_label=2)
+    m.head.sample = orig
+    # recompute the conditional and unconditional logits teacher-forced on the same tokens
+    inputs = q.indices_to_teacher_input(toks)
+    pos = m(torch.tensor([0]), inputs)
+    neg = m(torch.tensor([2]), inputs)
+    b = torch.tensor([0, 1, 5, 14, 30])
+    for si in range(4):
+        t = cfg * si / 3
+        expected = (1 + t) * pos[:, b[si] : b[si + 1]] - t * neg[:, b[si] : b[si + 1]]
+        assert torch.allclose(seen[si], expected, atol=1e-4), si
+
+
+def test_dpo_hand_computed():
+    lw, ll = torch.tensor([-10.0, -3.0]), torch.tensor([-12.0, -2.0])
+    beta = 0.5
+    expected = (math.log(1 + math.exp(-0.5 * 2.0)) + math.log(1 + math.exp(-0.5 * -1.0))) / 2
+    assert dpo_loss(lw, ll, beta).item() == pytest.approx(expected, rel=1e-6)
+    assert dpo_loss(lw, lw, beta).item() == pytest.approx(math.log(2))
+
+
+def test_top_k_top_p_sampling():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_top_k_top_p(logits, 2, 0.0, 1.0, g)) for _ in range(50)}
+    assert draws == {2, 3}
+    assert int(sample_top_k_top_p(logits, 1, 0.0, 1.0, None)) == 3
+    # top_p keeps the smallest set reaching the mass: p = softmax -> [.032, .087, .237, .644]
+    draws = {int(sample_top_k_top_p(logits, 0, 0.6, 1.0, g)) for _ in range(50)}
+    assert draws == {3}
+
+
+def test_bitwise_head_logprob_is_sum_over_bits():
+    h = BitwiseHead(bits=3)
+    h.bind(8, 8)
+    logits = torch.randn(2, 5, 3, 2)
+    bits = torch.randint(0, 2, (2, 5, 3))
+    lp = h.log_prob(logits, bits)
+    manual = sum(logits[..., i, :].log_softmax(-1).gather(-1, bits[..., i : i + 1])[..., 0] for i in range(3))
+    assert torch.allclose(lp, manual)
+    assert h(torch.randn(2, 5, 8), torch.randn(2, 8)).shape == (2, 5, 3, 2)
+
+
+def test_var_d16_layout():
+    """Parameter count and key shapes of the official var_d16 (reference facts B.1, B.10)."""
+    m = NextScaleTransformer(AbsolutePerScale(), IndexHead(4096), None, depth=16)
+    assert sum(p.numel() for p in m.parameters()) == 310_283_520
+    sd = m.state_dict()
+    shapes = {"pos_start": (1, 1, 1024), "pos_enc.pos_1LC": (1, 680, 1024), "word_embed.weight": (1024, 32),
+              "class_emb.weight": (1001, 1024), "lvl_embed.weight": (10, 1024), "blocks.15.attn.scale_mul_1H11": (1, 16, 1, 1),
+              "blocks.0.attn.mat_qkv.weight": (3072, 1024), "blocks.0.attn.zero_k_bias": (1024,),
+              "blocks.3.ffn.fc1.weight": (4096, 1024), "blocks.3.ada_lin.1.weight": (6144, 1024),
+              "head.head_nm.ada_lin.1.weight": (2048, 1024), "head.head.weight": (4096, 1024)}
+    for k, s in shapes.items():
+        assert tuple(sd[k].shape) == s, k
+    assert len(sd) == 220 - 2  # lvl_1L and the mask are derived, not stored
+    assert m.blocks[-1].drop_path.drop_prob == pytest.approx(0.1 * 16 / 24)
+
+
+def test_encoder_features_need_a_tokenizer():
+    from arsr.nn.vae import VQVAE
+
+    cond = EncoderFeatures(grid=2, latent_dim=4)
+    m = tiny(cond=cond)
+    with pytest.raises(RuntimeError, match="no tokenizer"):
+        m(torch.tensor([0]), torch.randn(1, 29, 4), torch.rand(1, 3, 8, 8))
+    tok = VQVAE(MultiScaleVQ(16, 4, (1, 2)), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+    cond.attach_tokenizer(tok)
+    assert m(torch.tensor([0]), torch.randn(1, 29, 4), torch.rand(1, 3, 8, 8)).shape == (1, 30, 16)
