@@ -32,12 +32,40 @@ def _vqvae(patch_nums: list[int], **quant) -> dict:
     }
 
 
+def _var(depth: int, patch_nums: list[int], num_classes: int = 1001, null_class: int | None = 1000, **extra) -> dict:
+    return {
+        "class_path": "arsr.nn.transformer.NextScaleTransformer",
+        "init_args": {
+            "depth": depth, "patch_nums": patch_nums, "num_classes": num_classes, "null_class": null_class,
+            "pos_enc": {"class_path": "arsr.components.posenc.AbsolutePerScale"},
+            "head": {"class_path": "arsr.components.heads.IndexHead", "init_args": {"vocab_size": 4096}},
+        } | extra,
+    }
+
+
+def _varsr(depth: int = 24) -> dict:
+    spec = _var(depth, PN_512, num_classes=2, null_class=None, cond_drop=0.0,
+                conditioning={"class_path": "arsr.components.conditioning.PrefixTokens",
+                              "init_args": {"channels": [32, 128, 256, 512, 1536], "grid": 32}})
+    spec["init_args"]["pos_enc"] = {"class_path": "arsr.components.posenc.SARoPE", "init_args": {"theta": 10000.0}}
+    return spec
+
+
+# official key prefix -> arsr key prefix (first match wins); None drops derived buffers
+VAR_KEYS = (("pos_1LC", "pos_enc.pos_1LC"), ("head_nm.", "head.head_nm."), ("head.", "head.head."),
+            ("lvl_1L", None), ("attn_bias_for_masking", None))
+VARSR_KEYS = (("con_embedding.", "conditioning.con_embedding."), ("decoder_norm.", None), ("diffloss.", None)) + VAR_KEYS
+
+
 @dataclass(frozen=True)
 class Preset:
     description: str
     component: dict  # class_path / init_args of the arsr module
     wrapped_keys: tuple[str, ...] = ()  # where the state dict may sit inside the file
     resizable_buffers: tuple[str, ...] = ("quantize.ema_vocab_hit_SV",)  # depend on the schedule length
+    key_map: tuple[tuple[str, str | None], ...] = ()  # official prefix -> arsr prefix
+    refiner: dict | None = None  # a second module fed by the keys the map routes to "refiner."
+    out_prefix: str = ""  # prefix of the written keys (what init_from expects)
 
 
 PRESETS = {
@@ -45,7 +73,27 @@ PRESETS = {
     "varsr_vqvae": Preset("VARSR VQVAE.pth (512 px schedule, no Phi at the last scale)",
                           _vqvae(PN_512, phi_at_last_scale=False), ("trainer.vae_local",)),
     "switti_rqvae": Preset("Switti / MSVAR RQ-VAE (VAR architecture, 512 px schedule)", _vqvae(PN_512)),
+    "var_d16": Preset("VAR transformer var_d16.pth", _var(16, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
+    "var_d24": Preset("VAR transformer var_d24.pth", _var(24, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
+    "varsr": Preset(
+        "VARSR.pth (d24 SR transformer + LR encoder + diffusion refiner)", _varsr(24), ("trainer.var_wo_ddp",),
+        key_map=(("decoder_norm.", "refiner.decoder_norm."), ("diffloss.", "refiner.diffloss.")) + VARSR_KEYS,
+        refiner={"class_path": "arsr.components.refiners.DiffusionRefiner", "init_args": {"latent_dim": 32, "cond_dim": 1536}},
+        out_prefix="transformer."),
 }
+
+
+def map_keys(state: dict[str, torch.Tensor], key_map) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        for src, dst in key_map:
+            if k.startswith(src):
+                if dst is not None:
+                    out[dst + k[len(src):]] = v
+                break
+        else:
+            out[k] = v
+    return out
 
 
 def build(component: dict) -> nn.Module:
@@ -101,11 +149,15 @@ def convert(src: str | Path, preset: str, out: str | Path) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
-    model = build(p.component)
-    state = check_against(read_official(src, p.wrapped_keys), model, preset, p)
+    state = map_keys(read_official(src, p.wrapped_keys), p.key_map)
+    refiner_state = {k[len("refiner."):]: state.pop(k) for k in list(state) if k.startswith("refiner.")}
+    state = {p.out_prefix + k: v for k, v in check_against(state, build(p.component), preset, p).items()}
+    if p.refiner is not None:
+        state |= {"refiner." + k: v for k, v in check_against(refiner_state, build(p.refiner), preset, p).items()}
     out = Path(out).with_suffix(".safetensors")
     atomic_save_safetensors(state, out, {"arsr_preset": preset, "source": Path(src).name})
+    blocks = {"transformer" if p.out_prefix else "tokenizer": p.component} | ({"refiner": p.refiner} if p.refiner else {})
     out.with_suffix(".yaml").write_text(
-        f"# arsr component for {out.name} (converted from {Path(src).name}, preset {preset})\n" + yaml.safe_dump(p.component, sort_keys=False)
+        f"# arsr components for {out.name} (converted from {Path(src).name}, preset {preset})\n" + yaml.safe_dump(blocks, sort_keys=False)
     )
     return out

@@ -128,7 +128,7 @@ def test_convert_round_trip_and_refusal(tmp_path, var_vae):
     for k, v in sd.items():
         if k != "quantize.ema_vocab_hit_SV" or v.shape == back[k].shape:
             assert torch.equal(back[k], v), k
-    assert "phi_at_last_scale: false" in out.with_suffix(".yaml").read_text()
+    assert "phi_at_last_scale: false" in out.with_suffix(".yaml").read_text() and "tokenizer:" in out.with_suffix(".yaml").read_text()
     # a wrong file is refused with the expected model and the first differing keys
     bad = dict(sd)
     bad.pop("decoder.conv_out.weight")

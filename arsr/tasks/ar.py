@@ -23,8 +23,11 @@ class _TokenizerTask(ARSRTask):
 
     def __init__(self, tokenizer: VQVAE, tokenizer_from: str | None, optimizer, lr_scheduler, init_from, image_log_every):
         super().__init__(optimizer, lr_scheduler, init_from, image_log_every)
-        if tokenizer_from:
-            load_into(tokenizer, load_weights(tokenizer_from), f"tokenizer_from={tokenizer_from}")
+        if tokenizer_from:  # a converted tokenizer, or a TokenizerFinetune export (keys under "tokenizer.")
+            state = load_weights(tokenizer_from)
+            if all(k.startswith("tokenizer.") for k in state):
+                state = {k[len("tokenizer."):]: v for k, v in state.items()}
+            load_into(tokenizer, state, f"tokenizer_from={tokenizer_from}")
         self.tokenizer = tokenizer.eval().requires_grad_(False)
 
     def train(self, mode: bool = True):  # the tokenizer stays frozen in eval mode
@@ -43,8 +46,18 @@ class _TokenizerTask(ARSRTask):
         state_dict = dict(state_dict) | {f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def init_module_from(self) -> nn.Module:
-        return nn.ModuleDict({n: m for n, m in self.named_children() if n != "tokenizer"})
+    def setup(self, stage: str) -> None:
+        """init_from loads every top-level part present in the file (transformer, refiner,
+        scale_predictor, ...); each part it loads must match exactly."""
+        if self.init_from and stage == "fit" and not getattr(self, "_initialised", False):
+            state = load_weights(self.init_from)
+            present = {k.split(".", 1)[0] for k in state}
+            parts = {n: m for n, m in self.named_children() if n != "tokenizer" and n in present}
+            if not parts:
+                have = sorted(n for n, _ in self.named_children() if n != "tokenizer")
+                raise ValueError(f"init_from={self.init_from} holds none of this task's parts {have} (found {sorted(present)[:5]})")
+            load_into(nn.ModuleDict(parts), state, f"init_from={self.init_from}")
+            self._initialised = True
 
     @staticmethod
     def images(batch: dict) -> tuple[Tensor, Tensor]:
