@@ -71,17 +71,31 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str, stri
     module.load_state_dict(state, strict=strict)
 
 
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict with FSDP2-sharded (DTensor) parameters gathered; collective when sharded."""
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        own = module.state_dict().keys()  # the module's own filtering (e.g. frozen parts it does not save)
+        return {k: v for k, v in full.items() if k in own}
+    return module.state_dict()
+
+
 class SafetensorsCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also writes the LightningModule's weights as ``<name>.safetensors``.
 
-    Lightning writes ``.ckpt`` files atomically already (fsspec temp + rename); the
-    safetensors export uses :func:`atomic_save_safetensors`.
+    Lightning writes ``.ckpt`` files atomically already (fsspec transaction: temp + rename);
+    the safetensors export uses :func:`atomic_save_safetensors` and holds full (unsharded)
+    weights also under FSDP2.
     """
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
+        weights = full_state_dict(trainer.lightning_module)  # every rank takes part when sharded
         if trainer.is_global_zero:
-            weights = trainer.lightning_module.state_dict()
             atomic_save_safetensors(weights, Path(filepath).with_suffix(".safetensors"), {"step": str(trainer.global_step)})
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

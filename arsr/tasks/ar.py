@@ -138,6 +138,7 @@ class ARFinetune(_TokenizerTask):
         sample_top_k: int = 1,
         sample_top_p: float = 0.0,
         val_samples: int = 4,
+        activation_checkpointing: bool = False,
     ):
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -150,8 +151,30 @@ class ARFinetune(_TokenizerTask):
         if transformer.conditioning is not None:
             transformer.conditioning.attach_tokenizer(self.tokenizer)
         self.sample_top_k, self.sample_top_p, self.val_samples = sample_top_k, sample_top_p, val_samples
+        self.activation_checkpointing = activation_checkpointing
         pns = tokenizer.quantize.patch_nums
         self.scale_bounds = torch.tensor([0] + [p * p for p in pns]).cumsum(0).tolist()
+
+    def configure_model(self) -> None:
+        """FSDP2 under Lightning's ModelParallelStrategy: activation checkpointing (optional) and
+        ``fully_shard`` per transformer block, then per trainable part; the frozen tokenizer is
+        replicated. Other strategies (DDP, single device) leave the model as it is."""
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"]
+        blocks = self.transformer.blocks
+        for i, block in enumerate(blocks):
+            if self.activation_checkpointing:
+                blocks[i] = block = checkpoint_wrapper(block)
+            fully_shard(block, mesh=dp)
+        for part in (self.transformer, self.refiner, self.scale_predictor, self.regularizer):
+            if part is not None and any(p.requires_grad for p in part.parameters()):
+                fully_shard(part, mesh=dp)
+        self._sharded = True
 
     def targets(self, hr: Tensor, lr_up: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """-> tokens per scale, teacher-forcing inputs, latent f, and the (L,) mask of trained positions."""
@@ -164,7 +187,7 @@ class ARFinetune(_TokenizerTask):
                 tokens = self.quantizer.f_to_indices(f)
                 inputs = self.quantizer.indices_to_teacher_input(tokens)
             return tokens, inputs, f, mask
-        pred = [p.detach() for p in self.scale_predictor(lr_up)]
+        pred = self.scale_predictor(lr_up)  # stage 2 fine-tunes it through the teacher-forcing inputs
         tokens, inputs = self.quantizer.substitute(f, pred)
         mask[: self.scale_bounds[len(pred)]] = False  # substituted scales are given, not predicted
         return tokens, inputs, f, mask

@@ -134,7 +134,8 @@ class MultiScaleBSQ(Quantizer):
         return self.walk(f)[0]
 
     def substitute(self, f: Tensor, codes: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        pyramid = relabel_after_substitution(self, f, codes)
+        """Algorithm 2 with gradients: the teacher-forcing inputs stay differentiable in ``codes``."""
+        pyramid, _ = self.walk(f.detach(), codes)
         return pyramid.bits, pyramid.inputs
 
     # -- Quantizer interface -----------------------------------------------------------------
