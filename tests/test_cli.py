@@ -13,7 +13,8 @@ from arsr.cli import main
 
 from conftest import ROOT, SAMPLE
 
-QUICK = str(ROOT / "recipes" / "quickstart.yaml")
+QUICK = str(ROOT / "recipes" / "quickstart_tokenizer.yaml")
+QUICK_AR = str(ROOT / "recipes" / "quickstart.yaml")
 
 
 def run_cli(*args, cwd=ROOT, timeout=300):
@@ -60,9 +61,9 @@ def test_missing_config_file():
     assert r.returncode != 0 and "Traceback" not in r.stderr and "nope.yaml" in r.stderr
 
 
-def _fit(tmp_path, *extra):
+def _fit(tmp_path, *extra, config=QUICK):
     return run_cli(
-        "fit", "--config", QUICK,
+        "fit", "--config", config,
         "--data.init_args.train_shards", str(SAMPLE / "train-{000000..000001}.tar"),
         "--data.init_args.val_shards", str(SAMPLE / "val-000000.tar"),
         "--data.init_args.num_workers", "0",
@@ -74,10 +75,10 @@ def _fit(tmp_path, *extra):
 def test_quickstart_fits_writes_weights_logs_and_resumes(tmp_path):
     r = _fit(tmp_path, "--trainer.max_steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt_dir = tmp_path / "runs" / "quickstart" / "checkpoints"
+    ckpt_dir = tmp_path / "runs" / "quickstart_tokenizer" / "checkpoints"
     weights = load_file(ckpt_dir / "last.safetensors")
     assert "tokenizer.quantize.embedding.weight" in weights and not any(k.startswith("lpips") for k in weights)
-    tb = list((tmp_path / "runs" / "quickstart" / "tb").rglob("events.out.tfevents.*"))
+    tb = list((tmp_path / "runs" / "quickstart_tokenizer" / "tb").rglob("events.out.tfevents.*"))
     assert tb and (tb[0].parent / "config.yaml").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -98,3 +99,18 @@ def test_quickstart_fits_writes_weights_logs_and_resumes(tmp_path):
     r = _fit(tmp_path, "--trainer.max_steps", "1", "--model.init_args.init_from", str(tmp_path / "tok.safetensors"),
              "--trainer.default_root_dir", str(tmp_path / "second"))
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_quickstart_end_to_end_sr(tmp_path):
+    """Part 1 (tokenizer) then part 2 (SR model on it), as the README runs them, a few steps each."""
+    assert _fit(tmp_path, "--trainer.max_steps", "2").returncode == 0
+    r = _fit(tmp_path, "--trainer.max_steps", "2", config=QUICK_AR)
+    assert r.returncode == 0, r.stderr[-3000:]
+    weights = load_file(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.safetensors")
+    assert any(k.startswith("transformer.") for k in weights) and any(k.startswith("refiner.") for k in weights)
+    assert not any(k.startswith("tokenizer.") for k in weights)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = next((tmp_path / "runs" / "quickstart" / "tb").rglob("events.out.tfevents.*")).parent
+    acc = EventAccumulator(str(tb), size_guidance={"images": 0}).Reload()
+    assert "val/lr_sr_hr" in acc.Tags()["images"] and "val/sample_psnr" in acc.Tags()["scalars"]
