@@ -17,10 +17,12 @@ import sys
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import lightning as L  # noqa: E402
+from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 import arsr.components.degradations  # noqa: E402,F401  (short class names in configs)
 import arsr.components.quantizers  # noqa: E402,F401
+import arsr.predict  # noqa: E402,F401
 
 
 class ARSRCLI(LightningCLI):
@@ -48,7 +50,7 @@ def main(args: list[str] | None = None) -> int:
         ARSRCLI(args=args)
     except SystemExit as e:  # argparse errors already printed their one-line message
         return int(e.code or 0) if not isinstance(e.code, str) else 2
-    except (FileNotFoundError, ValueError, KeyError, TypeError) as e:
+    except (FileNotFoundError, ValueError, KeyError, TypeError, MisconfigurationException) as e:
         if os.environ.get("ARSR_DEBUG"):
             raise
         print(f"arsr: error: {type(e).__name__}: {_short(e)} (set ARSR_DEBUG=1 for the traceback)", file=sys.stderr)

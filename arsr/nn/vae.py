@@ -214,10 +214,16 @@ class HierarchicalVQVAE(VQVAE):
         return feats
 
     def decode(self, f_hat: Tensor) -> Tensor:
-        side = f_hat.shape[-1]
-        if side not in self.target_sides:
+        """Decoder of the scale whose latent side f_hat has; larger latents (tiled canvases) use the
+        full-resolution decoder."""
+        side = min(f_hat.shape[-2:])
+        if side in self.target_sides:
+            n = self.target_sides.index(side)
+        elif side > self.target_sides[-1]:
+            n = len(self.target_sides) - 1
+        else:
             raise ValueError(f"no decoder for latent side {side}; target sides are {self.target_sides}")
-        return self.decoders[self.target_sides.index(side)](self.post_quant_conv(f_hat)).clamp(-1, 1)
+        return self.decoders[n](self.post_quant_conv(f_hat)).clamp(-1, 1)
 
     def adapt_state_dict(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         """Single-decoder weights -> the same decoder weights for every scale."""

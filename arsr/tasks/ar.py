@@ -9,7 +9,11 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+import math
+
 from arsr.checkpoint import load_into, load_weights
+from arsr.metrics import psnr, ssim
+from arsr.predict import tiled_fhat
 from arsr.interfaces import ARContext, Labels, Regularizer, ScalePredictor
 from arsr.nn.transformer import NextScaleTransformer
 from arsr.nn.vae import VQVAE
@@ -49,7 +53,7 @@ class _TokenizerTask(ARSRTask):
     def setup(self, stage: str) -> None:
         """init_from loads every top-level part present in the file (transformer, refiner,
         scale_predictor, ...); each part it loads must match exactly."""
-        if self.init_from and stage == "fit" and not getattr(self, "_initialised", False):
+        if self.init_from and not getattr(self, "_initialised", False):
             state = load_weights(self.init_from)
             present = {k.split(".", 1)[0] for k in state}
             parts = {n: m for n, m in self.named_children() if n != "tokenizer" and n in present}
@@ -119,7 +123,12 @@ class ARFinetune(_TokenizerTask):
             and only they are trained on.
         tokenizer_from: safetensors weights of the tokenizer.
         init_from: safetensors weights of everything else (transformer, refiner, scale predictor).
-        sample_top_k, sample_top_p, sample_steps_cfg: validation sampling settings.
+        sample_top_k, sample_top_p, sample_cfg, sample_temperature, seed: sampling settings for
+            validation, ``arsr predict`` and ``arsr test`` (sample_cfg None: the label policy's cfg).
+        activation_checkpointing: wrap every block under FSDP2 (ModelParallelStrategy).
+        scale, upsample_mode: SR factor and how the LR image is resized to the HR size at inference.
+        tile_overlap, tile_batch: latent-space tiling for inputs of any size (overlap in latent
+            cells; tiles per forward).
     """
 
     def __init__(
@@ -139,6 +148,13 @@ class ARFinetune(_TokenizerTask):
         sample_top_p: float = 0.0,
         val_samples: int = 4,
         activation_checkpointing: bool = False,
+        scale: int = 4,
+        upsample_mode: str = "bicubic",
+        sample_cfg: float | None = None,
+        sample_temperature: float = 1.0,
+        seed: int = 0,
+        tile_overlap: int = 8,
+        tile_batch: int = 4,
     ):
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -152,6 +168,8 @@ class ARFinetune(_TokenizerTask):
             transformer.conditioning.attach_tokenizer(self.tokenizer)
         self.sample_top_k, self.sample_top_p, self.val_samples = sample_top_k, sample_top_p, val_samples
         self.activation_checkpointing = activation_checkpointing
+        self.scale, self.upsample_mode, self.sample_cfg = scale, upsample_mode, sample_cfg
+        self.sample_temperature, self.seed, self.tile_overlap, self.tile_batch = sample_temperature, seed, tile_overlap, tile_batch
         pns = tokenizer.quantize.patch_nums
         self.scale_bounds = torch.tensor([0] + [p * p for p in pns]).cumsum(0).tolist()
 
@@ -226,32 +244,77 @@ class ARFinetune(_TokenizerTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
-    # -- super-resolution -------------------------------------------------------------------
+    # -- super-resolution ----------------------------------------------------------------------
     @torch.no_grad()
-    def super_resolve(self, lr_up: Tensor, cfg: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                      temperature: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True) -> list[Tensor]:
-        """lr_up (B, 3, H, W) in [-1, 1] -> SR images in [-1, 1], one per output scale of the tokenizer
-        (one for VQ/BSQ; 1x/2x/4x for hierarchical RQ)."""
+    def sample_tokens(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True, **overrides):
+        """lr_up (B, 3, H, W) in [-1, 1] at the model's native size -> (tokens, f_hat incl. the refiner's residual)."""
         B = lr_up.shape[0]
-        cfg = self.labels.cfg if cfg is None else cfg
+        cfg = overrides.get("cfg", self.labels.cfg if self.sample_cfg is None else self.sample_cfg)
         forced = None
         if self.scale_predictor is not None:  # NSARM: the first scales come from the LR image
             forced = [rearrange(c > 0, "b d h w -> b (h w) d").long() for c in self.scale_predictor(lr_up)]
-        tokens, h_last, cond = self.transformer.generate(
+        tokens, h_last, _ = self.transformer.generate(
             self.quantizer, self.labels.inference(B, lr_up.device), lr_up, cfg=cfg, neg_label=self.labels.neg_label,
-            top_k=self.sample_top_k if top_k is None else top_k, top_p=self.sample_top_p if top_p is None else top_p,
-            temperature=temperature, generator=generator, use_cache=use_cache, return_hidden=True, forced=forced)
-        K = len(tokens)
+            top_k=overrides.get("top_k", self.sample_top_k), top_p=overrides.get("top_p", self.sample_top_p),
+            temperature=overrides.get("temperature", self.sample_temperature), generator=generator, use_cache=use_cache,
+            return_hidden=True, forced=forced)
         f_hat = self.quantizer.indices_to_fhat(tokens)
         if self.refiner is not None:
-            code = self.quantizer.codes(tokens[-1], K - 1)
+            code = self.quantizer.codes(tokens[-1], len(tokens) - 1)
             code_embed = self.transformer.word_embed(rearrange(code, "b d h w -> b (h w) d"))
             code_embed = torch.cat([code_embed, code_embed]) if cfg > 0 else code_embed
             res = self.refiner.sample(h_last, code_embed, cfg=cfg, generator=generator)
             f_hat = f_hat + rearrange(res, "b (h w) d -> b d h w", h=f_hat.shape[-2])
-        # every decodable output (1x / 2x / 4x for hierarchical RQ); the refined one last
-        return [self.tokenizer.decode(self.quantizer.indices_to_fhat(tokens, upto=k)) for k in self.quantizer.output_steps[:-1]] + \
-            [self.tokenizer.decode(f_hat)]
+        return tokens, f_hat
+
+    @torch.no_grad()
+    def super_resolve(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True, **overrides) -> list[Tensor]:
+        """lr_up (B, 3, H, W) in [-1, 1] at the native size -> SR images in [-1, 1], one per output
+        scale of the tokenizer (one for VQ / BSQ; 1x / 2x / 4x for hierarchical RQ), refined one last."""
+        tokens, f_hat = self.sample_tokens(lr_up, generator, use_cache, **overrides)
+        early = [self.tokenizer.decode(self.quantizer.indices_to_fhat(tokens, upto=k)) for k in self.quantizer.output_steps[:-1]]
+        return early + [self.tokenizer.decode(f_hat)]
+
+    @property
+    def native_size(self) -> int:
+        return self.quantizer.patch_nums[-1] * self.tokenizer.downsample
+
+    @torch.no_grad()
+    def super_resolve_any(self, lr: Tensor) -> list[Tensor]:
+        """One LR image (1, 3, h, w) in [0, 1], any size -> SR outputs in [0, 1] at scale x its size.
+        The native size runs whole (all outputs); other sizes run as latent-space tiles (final output)."""
+        h, w = lr.shape[-2:]
+        H, W = h * self.scale, w * self.scale
+        lr_up = F.interpolate(lr, size=(H, W), mode=self.upsample_mode, align_corners=False).clamp(0, 1) * 2 - 1
+        g = torch.Generator(device=lr.device).manual_seed(self.seed)
+        n, ds = self.native_size, self.tokenizer.downsample
+        if (H, W) == (n, n):
+            return [(o + 1) / 2 for o in self.super_resolve(lr_up, generator=g)]
+        Hp, Wp = max(n, math.ceil(H / ds) * ds), max(n, math.ceil(W / ds) * ds)
+        padded = F.pad(lr_up, (0, Wp - W, 0, Hp - H), mode="replicate")
+        f_hat = tiled_fhat(lambda t: self.sample_tokens(t, generator=g)[1], padded, self.quantizer.patch_nums[-1],
+                           min(self.tile_overlap, self.quantizer.patch_nums[-1] - 1), ds, self.tile_batch)
+        return [(self.tokenizer.decode(f_hat)[..., :H, :W] + 1) / 2]
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
+        if "skipped" in batch:
+            return None
+        outs = self.super_resolve_any(batch["lr"][None].to(self.device))
+        return {"name": batch["name"], "outputs": [o[0] for o in outs]}
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        if "skipped" in batch:
+            return
+        if "lr" in batch and batch["lr"].ndim == 3:  # paired folders: one image of any size
+            sr, hr = self.super_resolve_any(batch["lr"][None].to(self.device))[-1], batch["hr"][None].to(self.device)
+        else:  # shards: degraded on the fly at the native size
+            hr = batch["hr"]
+            sr = (self.super_resolve(batch["lr_up"] * 2 - 1, generator=torch.Generator(device=hr.device).manual_seed(self.seed))[-1] + 1) / 2
+        if sr.shape != hr.shape:
+            raise ValueError(f"SR {tuple(sr.shape[-2:])} and HR {tuple(hr.shape[-2:])} differ: is the HR {self.scale}x the LR?")
+        bs = hr.shape[0]
+        self.log("test/psnr_y", psnr(sr, hr, crop_border=self.scale).mean(), batch_size=bs)
+        self.log("test/ssim_y", ssim(sr, hr, crop_border=self.scale).mean(), batch_size=bs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         hr, lr_up = self.images(batch)

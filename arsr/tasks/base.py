@@ -46,7 +46,7 @@ class ARSRTask(L.LightningModule):
         return self
 
     def setup(self, stage: str) -> None:
-        if self.init_from and stage == "fit" and not getattr(self, "_initialised", False):
+        if self.init_from and not getattr(self, "_initialised", False):
             load_into(self.init_module_from(), load_weights(self.init_from), f"init_from={self.init_from}")
             self._initialised = True
 
