@@ -114,3 +114,21 @@ def test_quickstart_end_to_end_sr(tmp_path):
     tb = next((tmp_path / "runs" / "quickstart" / "tb").rglob("events.out.tfevents.*")).parent
     acc = EventAccumulator(str(tb), size_guidance={"images": 0}).Reload()
     assert "val/lr_sr_hr" in acc.Tags()["images"] and "val/sample_psnr" in acc.Tags()["scalars"]
+
+
+def test_predict_through_the_cli(tmp_path):
+    from PIL import Image
+
+    from conftest import rand_rgb
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "in" / "a.png")
+    Image.fromarray(rand_rgb(12, 20)).save(tmp_path / "in" / "b.jpg")
+    (tmp_path / "in" / "c.png").write_bytes(b"broken")
+    r = run_cli("predict", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"),
+                "--model.init_args.tokenizer_from", "null", "--data.init_args.inputs", f"[{tmp_path / 'in'}]",
+                "--trainer.callbacks.init_args.out_dir", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipping" in r.stderr and "c.png" in r.stderr
+    assert Image.open(tmp_path / "out" / "a.png").size == (64, 64)
+    assert Image.open(tmp_path / "out" / "b.png").size == (80, 48)

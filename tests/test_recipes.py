@@ -11,7 +11,8 @@ from arsr.cli import main
 
 from conftest import ROOT
 
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+PARTIAL = {"predict"}  # added on top of a training config, not a recipe of its own
+RECIPES = sorted(r for r in (ROOT / "recipes").glob("*.yaml") if r.stem not in PARTIAL)
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])

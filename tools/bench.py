@@ -4,6 +4,8 @@
     python tools/bench.py degradation --batch 16 --size 256
     python tools/bench.py loader --workers 2 --batch 16 --size 128
     python tools/bench.py tokenizer --size 256 --preset tiny
+    python tools/bench.py ar --preset small --batch 4
+    python tools/bench.py predict --preset small --lr_size 128
 """
 
 from __future__ import annotations
@@ -79,5 +81,78 @@ def tokenizer(size: int = 256, batch: int = 4, preset: str = "tiny", iters: int 
     print(f"tokenizer {preset} at {size}px, batch {batch} on {device}: {batch / med:.2f} images/s encode+decode ({med * 1e3:.0f} ms/batch)")
 
 
+def _peak_mem_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def _ar_task(preset: str, size: int, refiner: bool = True):
+    """A VARSR-style ARFinetune: 'small' (d4, width 256, tiny tokenizer) or 'd16' (VAR-d16 width, VAR's VQVAE)."""
+    from arsr.components.conditioning import PrefixTokens, QualityCFG
+    from arsr.components.heads import IndexHead
+    from arsr.components.posenc import SARoPE
+    from arsr.components.quantizers import MultiScaleVQ
+    from arsr.components.refiners import DiffusionRefiner
+    from arsr.nn.transformer import NextScaleTransformer
+    from arsr.nn.vae import VQVAE
+    from arsr.tasks.ar import ARFinetune
+
+    pn = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}[size]
+    if preset == "d16":
+        tok = VQVAE(MultiScaleVQ(4096, 32, pn, phi_at_last_scale=False))
+        tr = NextScaleTransformer(SARoPE(), IndexHead(4096), PrefixTokens((32, 128, 256, 512, 1536), grid=pn[-1]), depth=16,
+                                  latent_dim=32, patch_nums=pn, num_classes=2, null_class=None, cond_drop=0.0)
+        ref = DiffusionRefiner(32, 1024) if refiner else None
+    else:
+        tok = VQVAE(MultiScaleVQ(512, 16, pn), ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1)
+        tr = NextScaleTransformer(SARoPE(), IndexHead(512), PrefixTokens((16, 32, 64, 128, 256), grid=pn[-1]), depth=4, width=256,
+                                  heads=4, latent_dim=16, patch_nums=pn, num_classes=2, null_class=None, cond_drop=0.0)
+        ref = DiffusionRefiner(16, 256, 128, 2) if refiner else None
+    return ARFinetune(tr, tok, QualityCFG(cfg=6.0), refiner=ref)
+
+
+def ar(preset: str = "small", size: int = 256, batch: int = 2, iters: int = 3, device: str = "cpu", precision: str = "32"):
+    """Teacher-forced training step (CE + refiner, AdamW): tokens/s and peak memory."""
+    task = _ar_task(preset, size).to(device)
+    task.log = task.log_dict = lambda *a, **k: None
+    opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
+    hr = torch.rand(batch, 3, size, size, device=device)
+    b = {"hr": hr, "lr_up": hr, "quality": torch.ones(batch, dtype=torch.long, device=device)}
+    dtype = torch.bfloat16 if precision == "bf16" else None
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            loss = task.training_step(b, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    t = _timeit(step, 1, iters, device)
+    med = t[len(t) // 2]
+    tokens = batch * task.transformer.layout.total_len
+    n = sum(p.numel() for p in task.transformer.parameters())
+    print(f"ar train {preset} ({n / 1e6:.1f}M params) at {size}px, batch {batch}, {precision} on {device}: {med:.2f} s/step, "
+          f"{tokens / med:.0f} tokens/s ({task.transformer.layout.total_len} tokens/image), peak mem {_peak_mem_mb(device):.0f} MB")
+
+
+def predict(preset: str = "small", lr_size: int = 64, iters: int = 2, device: str = "cpu", cfg: float = 6.0):
+    """Latency per image of LR (lr_size) -> 4x SR, with / without KV cache and CFG (native size, one image)."""
+    size = lr_size * 4
+    task = _ar_task(preset, 256 if size <= 256 else 512).to(device).eval()
+    if task.native_size != size:
+        raise ValueError(f"{preset} at {size}px: native size is {task.native_size}; use lr_size {task.native_size // 4}")
+    lr = torch.rand(1, 3, lr_size, lr_size, device=device)
+    for use_cache in (True, False):
+        for c in (0.0, cfg):
+            task.sample_cfg = c
+            lr_up = torch.nn.functional.interpolate(lr, size=(size, size), mode="bicubic") * 2 - 1
+            run = lambda: task.sample_tokens(lr_up, use_cache=use_cache)
+            t = _timeit(run, 0, iters, device)
+            print(f"predict {preset} {lr_size}->{size} on {device}: kv_cache={use_cache} cfg={c}: {t[len(t) // 2]:.2f} s/image")
+
+
 if __name__ == "__main__":
-    auto_cli([degradation, loader, tokenizer])
+    auto_cli([degradation, loader, tokenizer, ar, predict])
