@@ -276,3 +276,21 @@ class Regularizer(nn.Module, ABC):
     @abstractmethod
     def forward(self, ctx: ARContext) -> dict[str, Tensor]:
         """-> named loss terms (already weighted); their sum is added to the loss."""
+
+
+class Refiner(nn.Module, ABC):
+    """Adds a continuous correction to the last scale's quantised latent (VARSR's diffusion refiner).
+
+    Attribute ``latent_dim``: channels of the latent it refines.
+    """
+
+    latent_dim: int
+
+    @abstractmethod
+    def loss(self, h_last: Tensor, code_embed: Tensor, target: Tensor) -> Tensor:
+        """h_last, code_embed (B, N, C); target (B, N, d) residual after the last code -> weighted loss."""
+
+    @abstractmethod
+    def sample(self, h_last: Tensor, code_embed: Tensor, cfg: float = 0.0, temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """-> residual (B, N, d); with cfg > 0 the inputs hold [conditional; unconditional] halves."""

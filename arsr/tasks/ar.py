@@ -14,10 +14,9 @@ import math
 from arsr.checkpoint import load_into, load_weights
 from arsr.metrics import psnr, ssim
 from arsr.predict import tiled_fhat
-from arsr.interfaces import ARContext, Labels, Regularizer, ScalePredictor
+from arsr.interfaces import ARContext, Labels, Refiner, Regularizer, ScalePredictor
 from arsr.nn.transformer import NextScaleTransformer
 from arsr.nn.vae import VQVAE
-from arsr.components.refiners import DiffusionRefiner
 
 from .base import ARSRTask, adamw
 
@@ -137,7 +136,7 @@ class ARFinetune(_TokenizerTask):
         tokenizer: VQVAE,
         labels: Labels,
         regularizer: Regularizer | None = None,
-        refiner: DiffusionRefiner | None = None,
+        refiner: Refiner | None = None,
         scale_predictor: ScalePredictor | None = None,
         tokenizer_from: str | None = None,
         optimizer: OptimizerCallable = adamw,

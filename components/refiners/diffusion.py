@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from arsr.interfaces import Refiner
+
 
 def cosine_betas(T: int, max_beta: float = 0.999) -> Tensor:
     abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -165,7 +167,7 @@ class DiffLoss(nn.Module):
         self.net = SimpleMLPAdaLN(in_channels, width, depth, cond_dim)
 
 
-class DiffusionRefiner(nn.Module):
+class DiffusionRefiner(Refiner):
     """Args:
         latent_dim: channels of the tokenizer latent (32).
         cond_dim: transformer width C.
