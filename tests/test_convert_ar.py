@@ -60,3 +60,34 @@ def test_varsr_layout_routes_refiner_and_lr_encoder(tmp_path, monkeypatch):
     assert torch.equal(back["refiner.decoder_norm.weight"], refiner.state_dict()["decoder_norm.weight"])
     assert torch.equal(back["transformer.conditioning.con_embedding.conv_out.weight"], model.state_dict()["conditioning.con_embedding.conv_out.weight"])
     assert (tmp_path / "varsr.yaml").read_text().count("class_path: arsr.components.refiners.DiffusionRefiner") == 1
+
+
+def test_partial_init_from_var_weights(tmp_path, capsys):
+    """MSVAR-style start from VAR weights: matching tensors load, the rest keeps its initialisation."""
+    from safetensors.torch import save_file
+
+    from arsr.components.conditioning import DegradationClasses, EncoderFeatures
+    from arsr.components.heads import IndexHead
+    from arsr.components.posenc import AbsolutePerScale, LearnedResampled
+    from arsr.components.quantizers import MultiScaleVQ
+    from arsr.nn.transformer import NextScaleTransformer
+    from arsr.nn.vae import VQVAE
+    from arsr.tasks.ar import ARFinetune
+
+    pn = (1, 2, 4)
+    kw = dict(depth=1, width=32, heads=2, latent_dim=8, patch_nums=pn)
+    var = NextScaleTransformer(AbsolutePerScale(), IndexHead(32), None, num_classes=11, null_class=10, **kw)
+    save_file({f"transformer.{k}": v.contiguous() for k, v in var.state_dict().items()}, tmp_path / "var.safetensors")
+    tok = VQVAE(MultiScaleVQ(32, 8, pn), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+    msvar = NextScaleTransformer(LearnedResampled(grid=8), IndexHead(32), EncoderFeatures(grid=4, latent_dim=8), num_classes=3, null_class=2, **kw)
+    task = ARFinetune(msvar, tok, DegradationClasses(), init_from=str(tmp_path / "var.safetensors"), init_strict=False)
+    before = msvar.class_emb.weight.clone()
+    task.setup("fit")
+    assert torch.equal(msvar.blocks[0].attn.mat_qkv.weight, var.blocks[0].attn.mat_qkv.weight)
+    assert torch.equal(msvar.head.head.weight, var.head.head.weight)
+    assert torch.equal(msvar.class_emb.weight, before)  # (3, C) vs (11, C): kept
+    out = capsys.readouterr().out
+    assert "class_emb.weight" in out and "pos_enc.pos_grid" in out
+    strict = ARFinetune(msvar, tok, DegradationClasses(), init_from=str(tmp_path / "var.safetensors"))
+    with pytest.raises(ValueError, match="shape mismatch.*class_emb"):
+        strict.setup("fit")

@@ -49,17 +49,29 @@ class _TokenizerTask(ARSRTask):
         state_dict = dict(state_dict) | {f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    init_strict: bool = True
+
     def setup(self, stage: str) -> None:
         """init_from loads every top-level part present in the file (transformer, refiner,
-        scale_predictor, ...); each part it loads must match exactly."""
+        scale_predictor, ...); each part it loads must match exactly, unless ``init_strict`` is
+        False: then tensors of matching name and shape load and the rest is reported (e.g. MSVAR
+        starting from var_d16, whose position table and class embedding differ)."""
         if self.init_from and not getattr(self, "_initialised", False):
             state = load_weights(self.init_from)
             present = {k.split(".", 1)[0] for k in state}
-            parts = {n: m for n, m in self.named_children() if n != "tokenizer" and n in present}
-            if not parts:
+            parts = nn.ModuleDict({n: m for n, m in self.named_children() if n != "tokenizer" and n in present})
+            if not len(parts):
                 have = sorted(n for n, _ in self.named_children() if n != "tokenizer")
                 raise ValueError(f"init_from={self.init_from} holds none of this task's parts {have} (found {sorted(present)[:5]})")
-            load_into(nn.ModuleDict(parts), state, f"init_from={self.init_from}")
+            if self.init_strict:
+                load_into(parts, state, f"init_from={self.init_from}")
+            else:
+                own = parts.state_dict()
+                fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+                parts.load_state_dict(fits, strict=False)
+                left_out = sorted(set(own) - set(fits))
+                print(f"arsr: init_from={self.init_from}: loaded {len(fits)} tensors; kept the initialisation of "
+                      f"{len(left_out)}: {left_out[:8]}{' ...' if len(left_out) > 8 else ''}")
             self._initialised = True
 
     @staticmethod
@@ -128,6 +140,7 @@ class ARFinetune(_TokenizerTask):
         scale, upsample_mode: SR factor and how the LR image is resized to the HR size at inference.
         tile_overlap, tile_batch: latent-space tiling for inputs of any size (overlap in latent
             cells; tiles per forward).
+        init_strict: False loads only the tensors of ``init_from`` whose names and shapes match.
     """
 
     def __init__(
@@ -154,6 +167,7 @@ class ARFinetune(_TokenizerTask):
         seed: int = 0,
         tile_overlap: int = 8,
         tile_batch: int = 4,
+        init_strict: bool = True,
     ):
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -167,6 +181,7 @@ class ARFinetune(_TokenizerTask):
             transformer.conditioning.attach_tokenizer(self.tokenizer)
         self.sample_top_k, self.sample_top_p, self.val_samples = sample_top_k, sample_top_p, val_samples
         self.activation_checkpointing = activation_checkpointing
+        self.init_strict = init_strict
         self.scale, self.upsample_mode, self.sample_cfg = scale, upsample_mode, sample_cfg
         self.sample_temperature, self.seed, self.tile_overlap, self.tile_batch = sample_temperature, seed, tile_overlap, tile_batch
         pns = tokenizer.quantize.patch_nums
