@@ -51,6 +51,34 @@ def _varsr(depth: int = 24) -> dict:
     return spec
 
 
+def _infinity_vae(bits: int = 32) -> dict:
+    return {
+        "class_path": "arsr.nn.vae.VQVAE",
+        "init_args": {"ch": 128, "ch_mult": [1, 2, 4, 4, 4], "num_res_blocks": 2, "using_sa": False, "using_mid_sa": False,
+                      "quant_conv_ks": 0,
+                      "quantizer": {"class_path": "arsr.components.quantizers.MultiScaleBSQ",
+                                    "init_args": {"dim": bits, "patch_nums": PN_512}}},
+    }
+
+
+def unwrap_infinity_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Infinity's BSQ-VAE files hold either plain names or its wrapper modules' names
+    (``conv_in.conv.weight``, ``norm1.norm.weight``, attention as separate q / k / v convs):
+    bring both to arsr's names, fusing q, k, v into one ``qkv`` conv."""
+    wrapped = any(k.endswith(".norm.weight") for k in state)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if wrapped:
+            k = k.replace(".norm.weight", ".weight").replace(".norm.bias", ".bias")
+            k = k.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")
+        out[k] = v
+    for q in [k for k in out if k.endswith(".q.weight") or k.endswith(".q.bias")]:
+        base, leaf = q.rsplit(".q.", 1)
+        parts = [out.pop(f"{base}.{n}.{leaf}") for n in ("q", "k", "v")]
+        out[f"{base}.qkv.{leaf}"] = torch.cat(parts)
+    return out
+
+
 # official key prefix -> arsr key prefix (first match wins); None drops derived buffers
 VAR_KEYS = (("pos_1LC", "pos_enc.pos_1LC"), ("head_nm.", "head.head_nm."), ("head.", "head.head."),
             ("lvl_1L", None), ("attn_bias_for_masking", None))
@@ -64,6 +92,7 @@ class Preset:
     wrapped_keys: tuple[str, ...] = ()  # where the state dict may sit inside the file
     resizable_buffers: tuple[str, ...] = ("quantize.ema_vocab_hit_SV",)  # depend on the schedule length
     key_map: tuple[tuple[str, str | None], ...] = ()  # official prefix -> arsr prefix
+    adapt: object = None  # optional function applied to the official state dict first
     refiner: dict | None = None  # a second module fed by the keys the map routes to "refiner."
     out_prefix: str = ""  # prefix of the written keys (what init_from expects)
 
@@ -73,6 +102,9 @@ PRESETS = {
     "varsr_vqvae": Preset("VARSR VQVAE.pth (512 px schedule, no Phi at the last scale)",
                           _vqvae(PN_512, phi_at_last_scale=False), ("trainer.vae_local",)),
     "switti_rqvae": Preset("Switti / MSVAR RQ-VAE (VAR architecture, 512 px schedule)", _vqvae(PN_512)),
+    "infinity_vae_d32": Preset(
+        "Infinity BSQ-VAE infinity_vae_d32reg.pth (32 bits, 16x down, 512 px schedule)", _infinity_vae(32), ("vae",),
+        resizable_buffers=(), key_map=(("quantizer.", None), ("quantize.", None)), adapt=unwrap_infinity_keys),
     "var_d16": Preset("VAR transformer var_d16.pth", _var(16, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
     "var_d24": Preset("VAR transformer var_d24.pth", _var(24, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
     "varsr": Preset(
@@ -149,7 +181,8 @@ def convert(src: str | Path, preset: str, out: str | Path) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
-    state = map_keys(read_official(src, p.wrapped_keys), p.key_map)
+    state = read_official(src, p.wrapped_keys)
+    state = map_keys(p.adapt(state) if p.adapt else state, p.key_map)
     refiner_state = {k[len("refiner."):]: state.pop(k) for k in list(state) if k.startswith("refiner.")}
     state = {p.out_prefix + k: v for k, v in check_against(state, build(p.component), preset, p).items()}
     if p.refiner is not None:

@@ -70,3 +70,48 @@ def test_bsq_in_the_autoencoder():
     rec, out = vae(img)
     assert rec.shape == img.shape and len(out.indices) == 3
     assert vae.indices_to_img(vae.img_to_indices(img)).shape == img.shape
+
+
+def _wrapped(name: str) -> str:
+    """arsr key -> the name Infinity's wrapper modules give it (Conv / Normalize hold .conv / .norm)."""
+    leaf = name.rsplit(".", 1)
+    mod = leaf[0].rsplit(".", 1)[-1]
+    if mod.startswith("norm"):
+        return f"{leaf[0]}.norm.{leaf[1]}"
+    if mod.startswith("conv") or mod == "nin_shortcut" or mod in ("qkv", "proj_out"):
+        return f"{leaf[0]}.conv.{leaf[1]}"
+    return name
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_infinity_vae_conversion(tmp_path, wrapped):
+    from safetensors.torch import load_file
+
+    from arsr.convert import PRESETS, build, convert
+
+    vae = build(PRESETS["infinity_vae_d32"].component)
+    sd = vae.state_dict()
+    assert "quant_conv.weight" not in sd and not any(".attn" in k for k in sd)  # Infinity: no quant convs, no attention
+    assert sd["encoder.conv_in.weight"].shape == (128, 3, 3, 3) and sd["decoder.conv_in.weight"].shape == (512, 32, 3, 3)
+    assert len([k for k in sd if k.startswith("decoder.up.0.block.") and k.endswith("conv1.weight")]) == 3
+    official = {(_wrapped(k) if wrapped else k): torch.randn_like(v) for k, v in sd.items()}
+    official["quantizer.lfq.mask"] = 2 ** torch.arange(31, -1, -1)
+    torch.save({"vae": official, "step": 7}, tmp_path / "infinity_vae_d32reg.pth")
+    back = load_file(convert(tmp_path / "infinity_vae_d32reg.pth", "infinity_vae_d32", tmp_path / "inf"))
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], official[_wrapped(k) if wrapped else k]), k
+    # and it tokenises into bits and decodes
+    vae.load_state_dict(back)
+    img = torch.rand(1, 3, 64, 64) * 2 - 1
+    vae.quantize.patch_nums = (1, 2, 4)  # a 64 px image has a 4x4 latent
+    bits = vae.img_to_indices(img)
+    assert [b.shape for b in bits] == [(1, 1, 32), (1, 4, 32), (1, 16, 32)] and vae.indices_to_img(bits).shape == img.shape
+
+
+def test_infinity_attention_q_k_v_are_fused():
+    from arsr.convert import unwrap_infinity_keys
+
+    q, k, v = torch.randn(4, 4, 1, 1), torch.randn(4, 4, 1, 1), torch.randn(4, 4, 1, 1)
+    out = unwrap_infinity_keys({"encoder.mid.attn_1.q.weight": q, "encoder.mid.attn_1.k.weight": k, "encoder.mid.attn_1.v.weight": v})
+    assert torch.equal(out["encoder.mid.attn_1.qkv.weight"], torch.cat([q, k, v])) and len(out) == 1

@@ -154,7 +154,9 @@ class VQVAE(nn.Module):
     """Encoder -> quant_conv -> multi-scale quantizer -> post_quant_conv -> decoder(s).
 
     ``quantize`` is any :class:`arsr.interfaces.Quantizer` (multi-scale VQ, hierarchical RQ,
-    BSQ). Images are in [-1, 1].
+    BSQ). Images are in [-1, 1]. ``quant_conv_ks=0`` drops the two 1-layer convs around the
+    quantizer (Infinity's BSQ-VAE has none); ``using_sa`` / ``using_mid_sa`` switch the level
+    and middle attention (VAR: both on; Infinity: both off).
     """
 
     def __init__(self, quantizer: Quantizer, ch: int = 160, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
@@ -164,8 +166,8 @@ class VQVAE(nn.Module):
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, z, using_sa=using_sa, using_mid_sa=using_mid_sa)
         self.decoder = Decoder(ch, ch_mult, num_res_blocks, z, using_sa=using_sa, using_mid_sa=using_mid_sa)
         self.quantize = quantizer
-        self.quant_conv = nn.Conv2d(z, z, quant_conv_ks, padding=quant_conv_ks // 2)
-        self.post_quant_conv = nn.Conv2d(z, z, quant_conv_ks, padding=quant_conv_ks // 2)
+        conv = lambda: nn.Conv2d(z, z, quant_conv_ks, padding=quant_conv_ks // 2) if quant_conv_ks else nn.Identity()
+        self.quant_conv, self.post_quant_conv = conv(), conv()
         self.downsample = 2 ** (len(ch_mult) - 1)
 
     def encode(self, img: Tensor) -> Tensor:
