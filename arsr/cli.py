@@ -12,11 +12,14 @@ LightningDataModule (arsr's or a user's) can be named in a recipe. Exact resume 
 from __future__ import annotations
 
 import os
+import re
 import sys
+from pathlib import Path
 
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
@@ -34,14 +37,41 @@ class ARSRCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {"exit_on_error": True})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
+    def _check_ckpt_path(self) -> None:
+        """A wrong --ckpt_path fails here with a message, not deep inside Lightning."""
+        path = self.config[self.config.subcommand].get("ckpt_path")
+        if path is None or path in ("last", "best", "hpc", "registry"):
+            return
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"--ckpt_path {path} does not exist")
+        if p.is_dir():
+            return  # a distributed (DCP) checkpoint folder
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:
+            raise ValueError(f"--ckpt_path {path} is not a readable Lightning checkpoint ({type(e).__name__}); "
+                             "to start from .safetensors weights use --model.init_args.init_from") from None
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+            raise ValueError(f"--ckpt_path {path} holds no Lightning training state; official .pth files go through "
+                             "tools/convert.py and --model.init_args.init_from")
+
+    def _parse_ckpt_path(self) -> None:  # LightningCLI reads the checkpoint's hparams here
+        if self.config.get("subcommand"):
+            self._check_ckpt_path()
+        super()._parse_ckpt_path()
+
 
 class CLIError(Exception):
     pass
 
 
 def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return " ".join(line.strip() for line in text[:6])[:800]
+    text = " ".join(line.strip() for line in str(e).strip().splitlines()[:6])
+    # jsonargparse wraps an error raised while building a class_path component in a Union report:
+    # keep the component's own message
+    m = re.search(r"Does not validate against any of the Union subtypes.*?Errors: - (.*?)(?: - Expected a <class 'NoneType'>|$)", text)
+    return (m.group(1) if m else text)[:800]
 
 
 def main(args: list[str] | None = None) -> int:

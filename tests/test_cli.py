@@ -47,6 +47,8 @@ def test_print_config_and_override(capsys):
         (["--data.init_args.batch_size", "many"], "batch_size"),
         (["--data.init_args.train_shards", "missing-{0..2}.tar"], "not found"),
         (["--model.init_args.init_from", "missing.safetensors"], "not found"),
+        (["--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt does not exist"),
+        (["--ckpt_path", "README.md"], "not a readable Lightning checkpoint"),
     ],
 )
 def test_errors_are_one_line(args, expected, tmp_path):
