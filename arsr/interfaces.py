@@ -263,6 +263,7 @@ class ARContext:
     tokens: list[Tensor]  # HR tokens per scale
     logits: Tensor  # (B, L, ...)
     loss_mask: Tensor  # (L,) bool: positions that are trained on
+    captions: list[str] | None = None  # prompts of a text-conditioned transformer
 
 
 class Regularizer(nn.Module, ABC):
@@ -294,3 +295,16 @@ class Refiner(nn.Module, ABC):
     def sample(self, h_last: Tensor, code_embed: Tensor, cfg: float = 0.0, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:
         """-> residual (B, N, d); with cfg > 0 the inputs hold [conditional; unconditional] halves."""
+
+
+class TextConditioning(nn.Module, ABC):
+    """Encodes captions / prompts for cross-attention (Infinity / NSARM).
+
+    Attribute ``dim``: width of the features it returns.
+    """
+
+    dim: int
+
+    @abstractmethod
+    def forward(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """captions -> features (B, T, dim), key mask (B, T) bool (True = real token), pooled (B, dim)."""

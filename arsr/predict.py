@@ -58,6 +58,9 @@ class ImageFiles(torch.utils.data.Dataset):
         path = self.files[i]
         try:
             item = {"lr": self._load(path), "name": path.stem, "path": str(path)}
+            caption = path.with_suffix(".txt")
+            if caption.is_file():  # per-image prompt for text-conditioned models
+                item["caption"] = caption.read_text().strip()
             if self.hr_dir is not None:
                 hr = next((p for p in self.hr_dir.glob(path.stem + ".*") if p.suffix.lower() in IMAGE_EXTENSIONS), None)
                 if hr is None:

@@ -108,6 +108,7 @@ def test_writer_and_bad_inputs(tmp_path, tiny_msvar):
     src = tmp_path / "in"
     src.mkdir()
     Image.fromarray(rand_rgb(8, 8)).save(src / "good.png")
+    (src / "good.txt").write_text("a sharp photo\n")
     Image.fromarray(rand_rgb(8, 8)[..., 0]).save(src / "gray.png")
     (src / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     Image.fromarray(rand_rgb(3, 3)).save(src / "tiny.png")
@@ -115,6 +116,7 @@ def test_writer_and_bad_inputs(tmp_path, tiny_msvar):
     items = list(dm.predict_dataloader())
     assert {i.get("name") or i["skipped"].split("/")[-1] for i in items} == {"good", "gray", "broken.jpg", "tiny.png"}
     reasons = {i["skipped"].split("/")[-1]: i["reason"] for i in items if "skipped" in i}
+    assert next(i for i in items if i.get("name") == "good")["caption"] == "a sharp photo"
     assert "corrupt" in reasons["broken.jpg"] and "too_small" in reasons["tiny.png"]
     writer = SRWriter(str(tmp_path / "out"))
     for i, item in enumerate(items):

@@ -16,10 +16,10 @@ from arsr.nn.transformer import NextScaleTransformer, apply_rotary
 PN = (1, 2, 3, 4)
 
 
-def tiny(pos=None, head=None, cond=None, **kw):
+def tiny(pos=None, head=None, cond=None, text=None, **kw):
     kw = dict(depth=2, width=32, heads=2, latent_dim=4, patch_nums=PN, num_classes=3, null_class=2, cond_drop=0.0, drop_path=0.0) | kw
     torch.manual_seed(0)
-    m = NextScaleTransformer(pos or AbsolutePerScale(), head or IndexHead(16), cond, **kw)
+    m = NextScaleTransformer(pos or AbsolutePerScale(), head or IndexHead(16), cond, text, **kw)
     with torch.no_grad():  # VAR initialises the AdaLN gammas near 0: make the blocks matter in tests
         for b in m.blocks:
             b.ada_lin[-1].weight.normal_(0, 0.05)
@@ -156,3 +156,29 @@ def test_encoder_features_need_a_tokenizer():
     tok = VQVAE(MultiScaleVQ(16, 4, (1, 2)), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
     cond.attach_tokenizer(tok)
     assert m(torch.tensor([0]), torch.randn(1, 29, 4), torch.rand(1, 3, 8, 8)).shape == (1, 30, 16)
+
+
+def test_text_cross_attention_cache_cfg_and_dropout():
+    from arsr.components.conditioning import ByteCaptionEncoder
+
+    torch.manual_seed(0)
+    m = tiny(SARoPE(align=False), BitwiseHead(bits=4), text=ByteCaptionEncoder(dim=16, depth=1, heads=2, max_len=16))
+    assert "blocks.0.ca.mat_kv.weight" in m.state_dict() and "text_proj.weight" in m.state_dict()
+    from arsr.components.quantizers import MultiScaleBSQ
+
+    q = MultiScaleBSQ(4, PN)
+    label, caps = torch.tensor([0, 0]), ["a red cup", "galaxies"]
+    x = torch.randn(2, 29, 4)
+    with pytest.raises(ValueError, match="pass captions"):
+        m(label, x)
+    a, b = m(label, x, captions=caps), m(label, x, captions=["a red cup", "a cat"])
+    assert torch.allclose(a[0], b[0], atol=1e-6) and not torch.allclose(a[1], b[1])  # each sample sees its own caption
+    g = lambda: torch.Generator().manual_seed(1)
+    t1 = m.generate(q, label, cfg=2.0, top_k=2, generator=g(), captions=caps, use_cache=True)
+    t2 = m.generate(q, label, cfg=2.0, top_k=2, generator=g(), captions=caps, use_cache=False)
+    assert all(torch.equal(u, v) for u, v in zip(t1, t2))
+    m.train()
+    m.cond_drop = 1.0  # every caption dropped to the empty prompt
+    dropped = m(label, x, captions=caps)
+    m.eval()
+    assert torch.allclose(dropped, m(torch.tensor([2, 2]), x, captions=["", ""]), atol=1e-5)  # null class + empty prompt

@@ -21,7 +21,7 @@ from einops import rearrange
 from timm.layers import DropPath
 from torch import Tensor, nn
 
-from arsr.interfaces import Conditioning, Head, Layout, PositionalEncoding, Quantizer
+from arsr.interfaces import Conditioning, Head, Layout, PositionalEncoding, Quantizer, TextConditioning
 
 
 def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
@@ -61,6 +61,23 @@ class SelfAttention(nn.Module):
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
+class CrossAttention(nn.Module):
+    """Queries from the image tokens, keys / values from text features (Infinity's ``ca``)."""
+
+    def __init__(self, width: int, kv_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.mat_q = nn.Linear(width, width)
+        self.mat_kv = nn.Linear(kv_dim, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, feats: Tensor, key_mask: Tensor) -> Tensor:
+        q = rearrange(self.mat_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.mat_kv(feats.to(x.dtype)), "b t (two h d) -> two b h t d", two=2, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
 class FFN(nn.Module):
     def __init__(self, width: int, ratio: float = 4.0):
         super().__init__()
@@ -74,18 +91,25 @@ class FFN(nn.Module):
 class AdaLNBlock(nn.Module):
     """x += gamma1 * Attn(LN(x)(1 + scale1) + shift1); x += gamma2 * FFN(LN(x)(1 + scale2) + shift2)."""
 
-    def __init__(self, width: int, cond_dim: int, heads: int, drop_path: float = 0.0, l2_norm: bool = True):
+    def __init__(self, width: int, cond_dim: int, heads: int, drop_path: float = 0.0, l2_norm: bool = True,
+                 text_dim: int | None = None):
         super().__init__()
         self.attn = SelfAttention(width, heads, l2_norm)
+        if text_dim is not None:  # Infinity: text cross-attention between self-attention and FFN
+            self.ca_norm = nn.LayerNorm(width, eps=1e-6)
+            self.ca = CrossAttention(width, text_dim, heads)
         self.ffn = FFN(width)
         self.ln_wo_grad = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, cond: Tensor, mask: Tensor | None, rope: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor, mask: Tensor | None, rope: Tensor | None,
+                text: tuple[Tensor, Tensor] | None = None) -> Tensor:
         # six modulation values in VAR's order: gamma1, gamma2, scale1, scale2, shift1, shift2
         g1, g2, s1, s2, b1, b2 = rearrange(self.ada_lin(cond), "b (six c) -> six b 1 c", six=6)
         x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, mask, rope) * g1)
+        if text is not None:
+            x = x + self.ca(self.ca_norm(x), *text)
         return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (1 + s2) + b2) * g2)
 
 
@@ -102,6 +126,9 @@ class NextScaleTransformer(nn.Module):
         null_class: the label that means "no condition" (None: no label dropout).
         pos_enc: positional encoding component (absolute per scale, learned resampled, SA-RoPE, ...).
         conditioning: LR conditioning component producing prefix tokens (None: no prefix).
+        text: caption / prompt encoder; adds cross-attention to every block and its pooled
+            feature to the condition vector (Infinity-style). Dropped to the empty prompt with
+            the labels (cond_drop) and used as the negative branch of CFG.
         head: output head component (index classifier or bitwise classifier).
         drop_path: stochastic depth at the last block (None: VAR's 0.1 * depth / 24).
         init_adaln_gamma: scale of the AdaLN gamma rows at init (VAR's --alng).
@@ -112,6 +139,7 @@ class NextScaleTransformer(nn.Module):
         pos_enc: PositionalEncoding,
         head: Head,
         conditioning: Conditioning | None = None,
+        text: TextConditioning | None = None,
         depth: int = 16,
         width: int | None = None,
         heads: int | None = None,
@@ -142,7 +170,11 @@ class NextScaleTransformer(nn.Module):
         self.conditioning = conditioning
         self.pos_enc = pos_enc
         dp = 0.1 * depth / 24 if drop_path is None else drop_path
-        self.blocks = nn.ModuleList(AdaLNBlock(width, width, heads, r, attn_l2_norm) for r in torch.linspace(0, dp, depth).tolist())
+        self.text = text
+        if text is not None:
+            self.text_proj = nn.Linear(text.dim, width)
+        text_dim = text.dim if text is not None else None
+        self.blocks = nn.ModuleList(AdaLNBlock(width, width, heads, r, attn_l2_norm, text_dim) for r in torch.linspace(0, dp, depth).tolist())
         self.head = head
         for component in (pos_enc, conditioning):
             if component is not None:
@@ -175,12 +207,22 @@ class NextScaleTransformer(nn.Module):
         self.head.init_weights(init_head, init_adaln)
 
     # -- sequence assembly ------------------------------------------------------------------
-    def condition(self, label: Tensor) -> Tensor:
-        """Labels (B,) -> cond (B, C); in training, labels drop to ``null_class`` with prob cond_drop."""
-        if self.training and self.null_class is not None and self.cond_drop > 0:
+    def condition(self, label: Tensor, captions: list[str] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Labels (B,) [+ captions] -> cond (B, C) and text features for cross-attention. In training,
+        with prob cond_drop a sample's label drops to ``null_class`` and its caption to ''."""
+        if self.training and self.cond_drop > 0:
             drop = torch.rand(label.shape, device=label.device) < self.cond_drop
-            label = torch.where(drop, torch.full_like(label, self.null_class), label)
-        return self.class_emb(label)
+            if self.null_class is not None:
+                label = torch.where(drop, torch.full_like(label, self.null_class), label)
+            if captions is not None:
+                captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        cond = self.class_emb(label)
+        if self.text is None:
+            return cond, None
+        if captions is None:
+            raise ValueError("this transformer has a text encoder: pass captions (or set a fixed prompt)")
+        feats, mask, pooled = self.text(captions)
+        return cond + self.text_proj(pooled), (feats, mask)
 
     def first_block(self, cond: Tensor, prefix: Tensor | None) -> Tensor:
         """(B, first_len, C): prefix tokens + start tokens (the class embedding) + pos_start."""
@@ -203,21 +245,23 @@ class NextScaleTransformer(nn.Module):
         lv = self.lvl_1L[0].to(device)
         return torch.where(lv[:, None] >= lv[None, :], 0.0, float("-inf"))
 
-    def run_blocks(self, x: Tensor, cond: Tensor, start: int, mask: Tensor | None) -> Tensor:
+    def run_blocks(self, x: Tensor, cond: Tensor, start: int, mask: Tensor | None, text=None) -> Tensor:
         rope = self.pos_enc.rotary(start, start + x.shape[1])
         for block in self.blocks:
-            x = block(x, cond, mask, rope)
+            x = block(x, cond, mask, rope, text)
         return x
 
     # -- teacher-forced forward -------------------------------------------------------------
-    def forward(self, label: Tensor, inputs: Tensor, prefix_input: Tensor | None = None, return_hidden: bool = False):
+    def forward(self, label: Tensor, inputs: Tensor, prefix_input: Tensor | None = None, return_hidden: bool = False,
+                captions: list[str] | None = None):
         """label (B,), inputs (B, L - pn1^2, latent_dim) teacher-forcing inputs, prefix_input: LR for
-        the conditioning -> logits for every image position (B, L, ...) (and hidden states (B, L, C))."""
-        cond = self.condition(label)
+        the conditioning, captions for the text encoder -> logits for every image position (B, L, ...)
+        (and hidden states (B, L, C))."""
+        cond, text = self.condition(label, captions)
         prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
         x = torch.cat([self.first_block(cond, prefix), self.word_embed(inputs.to(self.word_embed.weight.dtype))], dim=1)
         x = self._add_position(x, 0)
-        h = self.run_blocks(x, cond, 0, self.mask(x.device).to(x.dtype))[:, self.layout.prefix_len :]
+        h = self.run_blocks(x, cond, 0, self.mask(x.device).to(x.dtype), text)[:, self.layout.prefix_len :]
         logits = self.head(h, cond)
         return (logits, h) if return_hidden else logits
 
@@ -237,20 +281,23 @@ class NextScaleTransformer(nn.Module):
         use_cache: bool = True,
         return_hidden: bool = False,
         forced: list[Tensor] | None = None,
+        captions: list[str] | None = None,
     ):
         """Sample every scale's tokens. CFG (cfg > 0) doubles the batch with ``neg_label`` and uses
         guided = (1 + t) cond - t uncond with t rising linearly from 0 at scale 1 to cfg at scale K.
-        ``forced`` gives the tokens of the first scales instead of sampling them (NSARM)."""
+        ``forced`` gives the tokens of the first scales instead of sampling them (NSARM); with a
+        text encoder, the negative branch uses the empty prompt."""
         forced = forced or []
         K, B = len(self.layout.patch_nums), label.shape[0]
         guided = cfg > 0
         if guided:
             neg = self.null_class if neg_label is None else neg_label
-            label = torch.cat([label, torch.full_like(label, neg)])
+            label = torch.cat([label, torch.full_like(label, neg if neg is not None else 0)])
             prefix_input = None if prefix_input is None else torch.cat([prefix_input, prefix_input])
+            captions = None if captions is None else list(captions) + [""] * B
         was_training = self.training
         self.eval()
-        cond = self.class_emb(label)
+        cond, text = self.condition(label, captions)
         prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
         first = self.first_block(cond, prefix)
         tokens: list[Tensor] = []
@@ -263,11 +310,11 @@ class NextScaleTransformer(nn.Module):
                 x = first if si == 0 else self.word_embed(quantizer.step_input([t[:B] for t in tokens]).to(first.dtype)).repeat(1 + guided, 1, 1)
                 x = self._add_position(x, pos)
                 if use_cache:
-                    h = self.run_blocks(x, cond, pos, None)
+                    h = self.run_blocks(x, cond, pos, None, text)
                 else:  # recompute the whole prefix of the sequence under the block-causal mask
                     x_all = x if x_all is None else torch.cat([x_all, x], dim=1)
                     n = x_all.shape[1]
-                    h = self.run_blocks(x_all, cond, 0, self.mask(x.device)[:n, :n].to(x.dtype))
+                    h = self.run_blocks(x_all, cond, 0, self.mask(x.device)[:n, :n].to(x.dtype), text)
                 h = h[:, -pn * pn :]
                 logits = self.head(h, cond)
                 if guided:

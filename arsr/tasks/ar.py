@@ -141,6 +141,8 @@ class ARFinetune(_TokenizerTask):
         tile_overlap, tile_batch: latent-space tiling for inputs of any size (overlap in latent
             cells; tiles per forward).
         init_strict: False loads only the tensors of ``init_from`` whose names and shapes match.
+        prompt: with a text encoder in the transformer, a fixed prompt for every image (NSARM);
+            None uses each sample's caption (shards' captions; ``<name>.txt`` beside predict inputs).
     """
 
     def __init__(
@@ -168,6 +170,7 @@ class ARFinetune(_TokenizerTask):
         tile_overlap: int = 8,
         tile_batch: int = 4,
         init_strict: bool = True,
+        prompt: str | None = None,
     ):
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -181,11 +184,21 @@ class ARFinetune(_TokenizerTask):
             transformer.conditioning.attach_tokenizer(self.tokenizer)
         self.sample_top_k, self.sample_top_p, self.val_samples = sample_top_k, sample_top_p, val_samples
         self.activation_checkpointing = activation_checkpointing
-        self.init_strict = init_strict
+        self.init_strict, self.prompt = init_strict, prompt
         self.scale, self.upsample_mode, self.sample_cfg = scale, upsample_mode, sample_cfg
         self.sample_temperature, self.seed, self.tile_overlap, self.tile_batch = sample_temperature, seed, tile_overlap, tile_batch
         pns = tokenizer.quantize.patch_nums
         self.scale_bounds = torch.tensor([0] + [p * p for p in pns]).cumsum(0).tolist()
+
+    def captions(self, batch: dict, n: int) -> list[str] | None:
+        """The prompts a text-conditioned transformer sees: the fixed prompt, else the batch's captions."""
+        if self.transformer.text is None:
+            return None
+        if self.prompt is not None:
+            return [self.prompt] * n
+        caps = batch.get("caption")
+        caps = [caps] if isinstance(caps, str) else caps
+        return list(caps) if caps is not None else [""] * n
 
     def configure_model(self) -> None:
         """FSDP2 under Lightning's ModelParallelStrategy: activation checkpointing (optional) and
@@ -239,13 +252,13 @@ class ARFinetune(_TokenizerTask):
         self.log_data_stats(batch)
         hr, lr_up = self.images(batch)
         tokens, inputs, f, mask = self.targets(hr, lr_up)
-        labels = self.labels(batch)
-        logits, h = self.transformer(labels, inputs, lr_up, return_hidden=True)
+        labels, captions = self.labels(batch), self.captions(batch, hr.shape[0])
+        logits, h = self.transformer(labels, inputs, lr_up, return_hidden=True, captions=captions)
         flat = torch.cat(tokens, dim=1)
         ce = self.transformer.head.token_loss(logits, flat)[:, mask].mean()
         terms = {"ce": ce}
         if self.regularizer is not None:
-            terms |= self.regularizer(ARContext(self.transformer, self.tokenizer, batch, labels, lr_up, tokens, logits, mask))
+            terms |= self.regularizer(ARContext(self.transformer, self.tokenizer, batch, labels, lr_up, tokens, logits, mask, captions))
         if self.refiner is not None:
             terms["refiner"] = self.refiner_loss(h, logits, tokens, f)
         loss = sum(terms.values())
@@ -260,9 +273,11 @@ class ARFinetune(_TokenizerTask):
 
     # -- super-resolution ----------------------------------------------------------------------
     @torch.no_grad()
-    def sample_tokens(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True, **overrides):
+    def sample_tokens(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True,
+                      captions: list[str] | None = None, **overrides):
         """lr_up (B, 3, H, W) in [-1, 1] at the model's native size -> (tokens, f_hat incl. the refiner's residual)."""
         B = lr_up.shape[0]
+        captions = self.captions({"caption": captions} if captions is not None else {}, B)
         cfg = overrides.get("cfg", self.labels.cfg if self.sample_cfg is None else self.sample_cfg)
         forced = None
         if self.scale_predictor is not None:  # NSARM: the first scales come from the LR image
@@ -271,7 +286,7 @@ class ARFinetune(_TokenizerTask):
             self.quantizer, self.labels.inference(B, lr_up.device), lr_up, cfg=cfg, neg_label=self.labels.neg_label,
             top_k=overrides.get("top_k", self.sample_top_k), top_p=overrides.get("top_p", self.sample_top_p),
             temperature=overrides.get("temperature", self.sample_temperature), generator=generator, use_cache=use_cache,
-            return_hidden=True, forced=forced)
+            return_hidden=True, forced=forced, captions=captions)
         f_hat = self.quantizer.indices_to_fhat(tokens)
         if self.refiner is not None:
             code = self.quantizer.codes(tokens[-1], len(tokens) - 1)
@@ -282,10 +297,11 @@ class ARFinetune(_TokenizerTask):
         return tokens, f_hat
 
     @torch.no_grad()
-    def super_resolve(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True, **overrides) -> list[Tensor]:
+    def super_resolve(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True,
+                      captions: list[str] | None = None, **overrides) -> list[Tensor]:
         """lr_up (B, 3, H, W) in [-1, 1] at the native size -> SR images in [-1, 1], one per output
         scale of the tokenizer (one for VQ / BSQ; 1x / 2x / 4x for hierarchical RQ), refined one last."""
-        tokens, f_hat = self.sample_tokens(lr_up, generator, use_cache, **overrides)
+        tokens, f_hat = self.sample_tokens(lr_up, generator, use_cache, captions, **overrides)
         early = [self.tokenizer.decode(self.quantizer.indices_to_fhat(tokens, upto=k)) for k in self.quantizer.output_steps[:-1]]
         return early + [self.tokenizer.decode(f_hat)]
 
@@ -294,7 +310,7 @@ class ARFinetune(_TokenizerTask):
         return self.quantizer.patch_nums[-1] * self.tokenizer.downsample
 
     @torch.no_grad()
-    def super_resolve_any(self, lr: Tensor) -> list[Tensor]:
+    def super_resolve_any(self, lr: Tensor, caption: str | None = None) -> list[Tensor]:
         """One LR image (1, 3, h, w) in [0, 1], any size -> SR outputs in [0, 1] at scale x its size.
         The native size runs whole (all outputs); other sizes run as latent-space tiles (final output)."""
         h, w = lr.shape[-2:]
@@ -302,28 +318,30 @@ class ARFinetune(_TokenizerTask):
         lr_up = F.interpolate(lr, size=(H, W), mode=self.upsample_mode, align_corners=False).clamp(0, 1) * 2 - 1
         g = torch.Generator(device=lr.device).manual_seed(self.seed)
         n, ds = self.native_size, self.tokenizer.downsample
+        caps = None if caption is None else [caption]
         if (H, W) == (n, n):
-            return [(o + 1) / 2 for o in self.super_resolve(lr_up, generator=g)]
+            return [(o + 1) / 2 for o in self.super_resolve(lr_up, generator=g, captions=caps)]
         Hp, Wp = max(n, math.ceil(H / ds) * ds), max(n, math.ceil(W / ds) * ds)
         padded = F.pad(lr_up, (0, Wp - W, 0, Hp - H), mode="replicate")
-        f_hat = tiled_fhat(lambda t: self.sample_tokens(t, generator=g)[1], padded, self.quantizer.patch_nums[-1],
+        f_hat = tiled_fhat(lambda t: self.sample_tokens(t, generator=g, captions=None if caps is None else caps * len(t))[1], padded, self.quantizer.patch_nums[-1],
                            min(self.tile_overlap, self.quantizer.patch_nums[-1] - 1), ds, self.tile_batch)
         return [(self.tokenizer.decode(f_hat)[..., :H, :W] + 1) / 2]
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
         if "skipped" in batch:
             return None
-        outs = self.super_resolve_any(batch["lr"][None].to(self.device))
+        outs = self.super_resolve_any(batch["lr"][None].to(self.device), batch.get("caption"))
         return {"name": batch["name"], "outputs": [o[0] for o in outs]}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         if "skipped" in batch:
             return
         if "lr" in batch and batch["lr"].ndim == 3:  # paired folders: one image of any size
-            sr, hr = self.super_resolve_any(batch["lr"][None].to(self.device))[-1], batch["hr"][None].to(self.device)
+            sr, hr = self.super_resolve_any(batch["lr"][None].to(self.device), batch.get("caption"))[-1], batch["hr"][None].to(self.device)
         else:  # shards: degraded on the fly at the native size
             hr = batch["hr"]
-            sr = (self.super_resolve(batch["lr_up"] * 2 - 1, generator=torch.Generator(device=hr.device).manual_seed(self.seed))[-1] + 1) / 2
+            g = torch.Generator(device=hr.device).manual_seed(self.seed)
+            sr = (self.super_resolve(batch["lr_up"] * 2 - 1, generator=g, captions=batch.get("caption"))[-1] + 1) / 2
         if sr.shape != hr.shape:
             raise ValueError(f"SR {tuple(sr.shape[-2:])} and HR {tuple(hr.shape[-2:])} differ: is the HR {self.scale}x the LR?")
         bs = hr.shape[0]
@@ -334,7 +352,7 @@ class ARFinetune(_TokenizerTask):
         hr, lr_up = self.images(batch)
         tokens, inputs, f, mask = self.targets(hr, lr_up)
         labels = self.labels(batch)
-        logits = self.transformer(labels, inputs, lr_up)
+        logits = self.transformer(labels, inputs, lr_up, captions=self.captions(batch, hr.shape[0]))
         flat = torch.cat(tokens, dim=1)
         bs = hr.shape[0]
         self.log("val/ce", self.transformer.head.token_loss(logits, flat)[:, mask].mean(), batch_size=bs, prog_bar=True)
@@ -342,7 +360,8 @@ class ARFinetune(_TokenizerTask):
         if batch_idx == 0 and self.val_samples > 0:
             n = min(self.val_samples, bs)
             g = torch.Generator(device=hr.device).manual_seed(0)
-            sr = self.super_resolve(lr_up[:n], generator=g)[-1]
+            caps = batch.get("caption")
+            sr = self.super_resolve(lr_up[:n], generator=g, captions=None if caps is None else list(caps)[:n])[-1]
             psnr = peak_signal_noise_ratio((sr + 1) / 2, (hr[:n] + 1) / 2, data_range=1.0)
             self.log("val/sample_psnr", psnr, batch_size=n)
             if self.global_rank == 0:

@@ -2,6 +2,7 @@
 
 from .labels import ConstantLabel, DegradationClasses, QualityCFG
 from .prefix import EncoderFeatures, PrefixTokens
+from .text import ByteCaptionEncoder
 from .transformation import TransformationNet
 
-__all__ = ["ConstantLabel", "DegradationClasses", "EncoderFeatures", "PrefixTokens", "QualityCFG", "TransformationNet"]
+__all__ = ["ByteCaptionEncoder", "ConstantLabel", "DegradationClasses", "EncoderFeatures", "PrefixTokens", "QualityCFG", "TransformationNet"]

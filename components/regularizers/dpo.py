@@ -47,7 +47,7 @@ class DPO(Regularizer):
         logits_lr = ctx.logits
         if self.second_pass:
             inputs = ctx.tokenizer.quantize.indices_to_teacher_input(z_lr)
-            logits_lr = ctx.model(ctx.labels, inputs, ctx.prefix_input)
+            logits_lr = ctx.model(ctx.labels, inputs, ctx.prefix_input, captions=ctx.captions)
         logp_lr = self._sequence_logp(head, logits_lr, z_lr, ctx.loss_mask)
         loss = dpo_loss(logp_hr, logp_lr, self.beta)
         self.logs = {"dpo_margin": (logp_hr - logp_lr).mean().detach()}
