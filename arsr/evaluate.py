@@ -10,7 +10,6 @@ higher-is-better metrics, and the mirror (> mean / fraction) for lower-is-better
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -10,7 +10,6 @@ local paths only and reported as skipped (with the reason) when the path is miss
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch

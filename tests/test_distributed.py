@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SAMPLE
+from conftest import ROOT
 from test_recipes import tiny_command
 
 RECIPE = ROOT / "recipes" / "nsarm_stage2.yaml"

@@ -83,7 +83,7 @@ class CleanSamples:
             except BadSample as e:
                 pending[f"skipped_{e.reason}"] += 1
                 continue
-            except (ValueError, UnicodeDecodeError) as e:  # unreadable metadata
+            except (ValueError, UnicodeDecodeError):  # unreadable metadata
                 pending["skipped_bad_json"] += 1
                 continue
             yield {

@@ -8,7 +8,6 @@ arguments: ``ch=160, ch_mult=(1, 1, 2, 2, 4), z_channels=32`` is the official mo
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -9,14 +12,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-import math
-
 from arsr.checkpoint import load_into, load_weights
-from arsr.metrics import psnr, ssim
-from arsr.predict import tiled_fhat
 from arsr.interfaces import ARContext, Labels, Refiner, Regularizer, ScalePredictor
+from arsr.metrics import psnr, ssim
 from arsr.nn.transformer import NextScaleTransformer
 from arsr.nn.vae import VQVAE
+from arsr.predict import tiled_fhat
 
 from .base import ARSRTask, adamw
 
@@ -163,7 +164,7 @@ class ARFinetune(_TokenizerTask):
         val_samples: int = 4,
         activation_checkpointing: bool = False,
         scale: int = 4,
-        upsample_mode: str = "bicubic",
+        upsample_mode: Literal["bicubic", "bilinear"] = "bicubic",
         sample_cfg: float | None = None,
         sample_temperature: float = 1.0,
         seed: int = 0,

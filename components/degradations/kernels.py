@@ -26,7 +26,7 @@ def _grid(size: int, device) -> tuple[Tensor, Tensor]:
     return xx, yy  # (size, size) each
 
 
-def _odd_sizes(n: int, low: int, high: int, g, device) -> Tensor:
+def odd_sizes(n: int, low: int, high: int, g, device) -> Tensor:
     """(n,) odd kernel sizes uniformly from {low, low+2, ..., high}."""
     choices = torch.arange(low, high + 1, 2, device=device)
     return choices[torch.randint(len(choices), (n,), generator=g, device=device)]
@@ -91,7 +91,7 @@ def random_mixed_kernels(
     grid_size: int = 21,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """n kernels as Real-ESRGAN draws them for one degradation stage -> (n, S, S), params."""
-    sizes = _odd_sizes(n, *size_range, g, device)
+    sizes = odd_sizes(n, *size_range, g, device)
     type_idx = torch.multinomial(torch.tensor(kernel_prob, device=device).expand(n, -1), 1, generator=g)[:, 0]
     isotropic = type_idx % 2 == 0  # iso, generalized_iso, plateau_iso are even in KERNEL_TYPES
     family = type_idx // 2  # 0 gaussian, 1 generalized, 2 plateau

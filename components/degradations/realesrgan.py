@@ -23,7 +23,7 @@ from torch import Tensor
 
 from arsr.interfaces import Degradation, DegradedBatch
 
-from .kernels import delta_kernels, random_mixed_kernels, sinc_kernels, uniform, _odd_sizes
+from .kernels import delta_kernels, odd_sizes, random_mixed_kernels, sinc_kernels, uniform
 
 Range = tuple[float, float]
 RESIZE_MODES = ("area", "bilinear", "bicubic")
@@ -83,7 +83,8 @@ def jpeg(x: Tensor, quality_range: Range, g: torch.Generator | None) -> tuple[Te
     return kornia.enhance.jpeg_codec_differentiable(x.clamp(0, 1), quality).clamp(0, 1), quality
 
 
-def _choice(options: tuple, probs, g, device) -> int:
+def _choice(probs, g, device) -> int:
+    """Index drawn from the categorical distribution ``probs``."""
     return int(torch.multinomial(torch.tensor(probs, device=device, dtype=torch.float32), 1, generator=g))
 
 
@@ -162,15 +163,15 @@ class RealESRGANDegradation(Degradation):
         )
 
     def _random_resize(self, x: Tensor, probs, factor_range: Range, base_hw: tuple[int, int], g) -> tuple[Tensor, Tensor]:
-        direction = _choice(("up", "down", "keep"), probs, g, x.device)
+        direction = _choice(probs, g, x.device)  # 0 up, 1 down, 2 keep
         lo, hi = factor_range
         factor = [uniform(1, 1.0, hi, g, x.device), uniform(1, lo, 1.0, g, x.device), torch.ones(1)][direction].item()
-        mode = RESIZE_MODES[_choice(RESIZE_MODES, (1 / 3, 1 / 3, 1 / 3), g, x.device)]
+        mode = RESIZE_MODES[_choice((1 / 3, 1 / 3, 1 / 3), g, x.device)]
         size = (max(1, int(base_hw[0] * factor)), max(1, int(base_hw[1] * factor)))
         return kornia.geometry.transform.resize(x, size, interpolation=mode, antialias=False), torch.tensor(factor)
 
     def _final_resize(self, x: Tensor, size: tuple[int, int], g) -> Tensor:
-        mode = RESIZE_MODES[_choice(RESIZE_MODES, (1 / 3, 1 / 3, 1 / 3), g, x.device)]
+        mode = RESIZE_MODES[_choice((1 / 3, 1 / 3, 1 / 3), g, x.device)]
         return kornia.geometry.transform.resize(x, size, interpolation=mode, antialias=False)
 
     # -- pipeline -------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class RealESRGANDegradation(Degradation):
         params.update({f"{k}2": v for k, v in p.items()})
 
         # final stage: [resize -> sinc -> JPEG] or [JPEG -> resize -> sinc], order per batch
-        sizes = _odd_sizes(b, *c["kernel_size_range"], g, device)
+        sizes = odd_sizes(b, *c["kernel_size_range"], g, device)
         cutoff = uniform(b, torch.pi / 3, torch.pi, g, device)
         final_sinc = torch.rand(b, generator=g, device=device) < c["final_sinc_prob"]
         k3 = torch.where(final_sinc[:, None, None], sinc_kernels(cutoff, sizes, c["kernel_grid"]), delta_kernels(b, device, c["kernel_grid"]))

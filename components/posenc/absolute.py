@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ class LearnedResampled(PositionalEncoding):
         mode: interpolation used to resample it (``area`` for downsampling, or ``bilinear`` / ``bicubic``).
     """
 
-    def __init__(self, grid: int = 64, mode: str = "area"):
+    def __init__(self, grid: int = 64, mode: Literal["area", "bilinear", "bicubic"] = "area"):
         super().__init__()
         self.grid, self.mode = grid, mode
 

@@ -53,5 +53,6 @@ class SARoPE(PositionalEncoding):
         return self.freqs[start:end]
 
     def _apply(self, fn, recurse: bool = True):  # move the table with the module (it is not a buffer)
-        self.freqs = fn(self.freqs)
+        moved = fn(self.freqs)  # a dtype cast (bf16-true) must not drop the imaginary part
+        self.freqs = moved if moved.is_complex() else self.freqs.to(moved.device)
         return super()._apply(fn, recurse)

@@ -8,6 +8,8 @@ z_LR tokenises the LR image upsampled to the HR size with the same tokenizer.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -29,10 +31,8 @@ class DPO(Regularizer):
             reading its tokens' probabilities off the HR pass (half the compute).
     """
 
-    def __init__(self, beta: float = 0.01, weight: float = 1.0, reduction: str = "sum", second_pass: bool = False):
+    def __init__(self, beta: float = 0.01, weight: float = 1.0, reduction: Literal["sum", "mean"] = "sum", second_pass: bool = False):
         super().__init__()
-        if reduction not in ("sum", "mean"):
-            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.beta, self.weight, self.reduction, self.second_pass = beta, weight, reduction, second_pass
 
     def _sequence_logp(self, head, logits: Tensor, tokens: list[Tensor], mask: Tensor) -> Tensor:
