@@ -90,7 +90,7 @@ class LearnedMetrics:
             self.full_ref["lpips"] = lambda sr, hr: torch.stack([lp(a[None] * 2 - 1, b[None] * 2 - 1) for a, b in zip(sr, hr)])
         if self._have("dists", dists_vgg, "--dists_vgg <vgg16-397923af.pth>"):
             dists = self._dists(dists_vgg)
-            self.full_ref["dists"] = lambda sr, hr: dists(sr, hr).flatten()
+            self.full_ref["dists"] = lambda sr, hr: dists(sr, hr).reshape(-1)
         if self._have("fid", fid_inception, "--fid_inception <pt_inception-2015-12-05.pth>"):
             from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -117,14 +117,14 @@ class LearnedMetrics:
         return True
 
     def _dists(self, path: str):
-        """torchmetrics' DISTS builds torchvision's VGG16 with its default weights: point the
-        torch hub cache at a folder holding the given file under the expected name, so it loads
-        from disk."""
+        """torchmetrics' DISTS network builds torchvision's VGG16 with its default weights: point
+        the torch hub cache at a folder holding the given file under the expected name, so it loads
+        from disk. Returns a module scoring each image pair (inputs in [0, 1])."""
         import os
         import tempfile
 
         import torchvision
-        from torchmetrics.image.dists import DeepImageStructureAndTextureSimilarity
+        from torchmetrics.functional.image.dists import DISTSNetwork
 
         name = Path(torchvision.models.VGG16_Weights.DEFAULT.url).name
         hub = Path(tempfile.mkdtemp(prefix="arsr-hub-"))
@@ -133,7 +133,7 @@ class LearnedMetrics:
         old = torch.hub.get_dir()
         torch.hub.set_dir(str(hub))
         try:
-            return DeepImageStructureAndTextureSimilarity(reduction="none").to(self.device)
+            return DISTSNetwork().to(self.device).eval()
         finally:
             torch.hub.set_dir(old)
 

@@ -158,3 +158,18 @@ def test_report_files(tmp_path):
     md = paths["markdown"].read_text()
     assert "| psnr_y ↑ |" in md and "crop_border=4" in md
     assert Image.open(paths["plot"]).size[1] == 2 * 360  # one panel per metric (psnr_y, ssim_y)
+
+
+def test_learned_metrics_from_local_files_only(tmp_path):
+    """LPIPS and DISTS build from a local VGG16 file (random weights here) without any download."""
+    import torchvision
+
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), tmp_path / "vgg16.pth")
+    m = LearnedMetrics(lpips_vgg=str(tmp_path / "vgg16.pth"), dists_vgg=str(tmp_path / "vgg16.pth"),
+                       fid_inception=str(tmp_path / "missing.pth"))
+    assert set(m.full_ref) == {"lpips", "dists"} and "not found" in m.skipped["fid"] and "niqe" in m.skipped
+    x = torch.rand(2, 3, 64, 64)
+    same, diff = m.update(x, x), m.update(x, (x + 0.2 * torch.randn_like(x)).clamp(0, 1))
+    assert same["lpips"].shape == (2,) and same["dists"].shape == (2,)
+    assert (same["lpips"].abs() < 1e-5).all() and (diff["lpips"] > same["lpips"]).all()
+    assert (diff["dists"] > same["dists"]).all()
