@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
@@ -34,7 +35,7 @@ class ARSRCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": True})
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # errors reach main() as exceptions
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
     def _check_ckpt_path(self) -> None:
@@ -74,12 +75,45 @@ def _short(e: BaseException) -> str:
     return (m.group(1) if m else text)[:800]
 
 
+_NOISE = ("Parser key", "Problem with given class_path", "Does not validate", "Subtypes:", "Errors:", "Given value",
+          "Expected a <class 'NoneType'>", "Expected a path but")
+
+
+def describe_parse_error(message: str) -> str:
+    """jsonargparse's nested report -> 'full.key.path: innermost problem (what is available)'."""
+    keys, detail = [], None
+    for raw in message.splitlines():
+        line = raw.strip().lstrip("- ").strip()
+        m = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if m:
+            keys.append(m.group(1))
+            if m.group(2) and detail is None:
+                detail = m.group(2)
+        elif line and not line.startswith(_NOISE) and detail is None:
+            detail = line
+    if detail is None:
+        detail = " ".join(message.split())[:300]
+    m = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", detail)
+    if m:
+        import importlib
+
+        module = importlib.import_module(m.group(1))
+        names = [n for n in getattr(module, "__all__", dir(module)) if isinstance(getattr(module, n, None), type)]
+        detail += f"; {m.group(1)} provides: {', '.join(names)}"
+    return f"{'.init_args.'.join(keys)}: {detail}" if keys else detail
+
+
 def main(args: list[str] | None = None) -> int:
     """Console entry point. Configuration and input errors end in one line, not a traceback."""
     try:
         ARSRCLI(args=args)
-    except SystemExit as e:  # argparse errors already printed their one-line message
+    except SystemExit as e:  # --help and --print_config exit here
         return int(e.code or 0) if not isinstance(e.code, str) else 2
+    except ArgumentError as e:
+        if os.environ.get("ARSR_DEBUG"):
+            raise
+        print(f"arsr: error: {describe_parse_error(str(e))} (arsr {{fit,validate,test,predict}} --help lists the options)", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, KeyError, TypeError, MisconfigurationException) as e:
         if os.environ.get("ARSR_DEBUG"):
             raise
