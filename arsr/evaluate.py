@@ -14,19 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from arsr.data.samples import IMAGE_EXTENSIONS, BadSample, decode_rgb
+from arsr.data.samples import IMAGE_EXTENSIONS, BadSample, image_tensor
 from arsr.metrics import LearnedMetrics, psnr, ssim
 
 LOWER_IS_BETTER = {"lpips", "dists", "niqe", "fid"}
 LEVELS = {"deficient": 0.9, "poor": 0.75, "collapse": 0.5}
-
-
-def load_image(path: Path) -> torch.Tensor:
-    arr, _ = decode_rgb(path.read_bytes())
-    return torch.from_numpy(np.array(arr)).permute(2, 0, 1)[None].float() / 255
 
 
 def robustness(scores: list[float], lower_is_better: bool, levels: dict[str, float] = LEVELS) -> dict:
@@ -117,7 +111,7 @@ def evaluate_folders(sr_dir: str, hr_dir: str, crop_border: int = 4, metrics: Le
             report.skipped[name] = f"no HR image named {name}.* in {hr_dir}"
             continue
         try:
-            sr, hr = load_image(sr_path), load_image(hr_files[name])
+            sr, hr = image_tensor(sr_path.read_bytes())[None], image_tensor(hr_files[name].read_bytes())[None]
         except BadSample as e:
             report.skipped[name] = str(e)
             continue

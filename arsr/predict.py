@@ -13,13 +13,12 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch import Tensor
 
-from arsr.data.samples import IMAGE_EXTENSIONS, BadSample, decode_rgb
+from arsr.data.samples import IMAGE_EXTENSIONS, BadSample, image_tensor
 
 
 def list_images(inputs: list[str]) -> list[Path]:
@@ -47,10 +46,10 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def _load(self, path: Path) -> Tensor:
-        arr, _ = decode_rgb(path.read_bytes())  # converts gray / palette / 16-bit / opaque alpha
-        if min(arr.shape[:2]) < self.min_size:
-            raise BadSample("too_small", f"{arr.shape[1]}x{arr.shape[0]} < {self.min_size} px")
-        return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 255
+        img = image_tensor(path.read_bytes())  # converts gray / palette / 16-bit / opaque alpha
+        if min(img.shape[1:]) < self.min_size:
+            raise BadSample("too_small", f"{img.shape[2]}x{img.shape[1]} < {self.min_size} px")
+        return img
 
     def __getitem__(self, i: int) -> dict | None:
         path = self.files[i]

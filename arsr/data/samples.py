@@ -63,6 +63,14 @@ def decode_rgb(data: bytes) -> tuple[np.ndarray, str | None]:
         raise BadSample("unsupported_mode", mode) from e
 
 
+def image_tensor(data: bytes):
+    """Image bytes -> (3, H, W) float tensor in [0, 1] (after :func:`decode_rgb`'s conversions)."""
+    import torch
+
+    arr, _ = decode_rgb(data)
+    return torch.from_numpy(np.array(arr)).permute(2, 0, 1).float() / 255
+
+
 def encode_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
