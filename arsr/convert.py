@@ -106,7 +106,11 @@ PRESETS = {
         "Infinity BSQ-VAE infinity_vae_d32reg.pth (32 bits, 16x down, 512 px schedule)", _infinity_vae(32), ("vae",),
         resizable_buffers=(), key_map=(("quantizer.", None), ("quantize.", None)), adapt=unwrap_infinity_keys),
     "var_d16": Preset("VAR transformer var_d16.pth", _var(16, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
+    "var_d20": Preset("VAR transformer var_d20.pth", _var(20, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
     "var_d24": Preset("VAR transformer var_d24.pth", _var(24, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
+    "var_d30": Preset("VAR transformer var_d30.pth", _var(30, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
+    "var_d36": Preset("VAR transformer var_d36.pth (512 px, shared AdaLN)", _var(36, PN_512, shared_aln=True),
+                      key_map=VAR_KEYS, out_prefix="transformer."),
     "varsr": Preset(
         "VARSR.pth (d24 SR transformer + LR encoder + diffusion refiner)", _varsr(24), ("trainer.var_wo_ddp",),
         key_map=(("decoder_norm.", "refiner.decoder_norm."), ("diffloss.", "refiner.diffloss.")) + VARSR_KEYS,

@@ -22,7 +22,7 @@ def tiny(pos=None, head=None, cond=None, text=None, **kw):
     m = NextScaleTransformer(pos or AbsolutePerScale(), head or IndexHead(16), cond, text, **kw)
     with torch.no_grad():  # VAR initialises the AdaLN gammas near 0: make the blocks matter in tests
         for b in m.blocks:
-            b.ada_lin[-1].weight.normal_(0, 0.05)
+            (b.ada_lin[-1].weight if hasattr(b, "ada_lin") else b.ada_gss).normal_(0, 0.05)
     return m.eval()
 
 
@@ -182,3 +182,27 @@ def test_text_cross_attention_cache_cfg_and_dropout():
     dropped = m(label, x, captions=caps)
     m.eval()
     assert torch.allclose(dropped, m(torch.tensor([2, 2]), x, captions=["", ""]), atol=1e-5)  # null class + empty prompt
+
+
+@pytest.mark.parametrize("depth, shared, params, entries", [(20, False, 600_917_136, 272), (24, False, 1_033_399_360, 324),
+                                                           (30, False, 2_010_020_356, 402), (36, True, 2_353_893_904, 446)])
+def test_var_family_sizes(depth, shared, params, entries):
+    """Parameter counts and state-dict sizes of var_d20..d36 (reference facts B.1, B.10), built on the meta device."""
+    pn = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32) if shared else (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    with torch.device("meta"):
+        m = NextScaleTransformer(AbsolutePerScale(), IndexHead(4096), None, depth=depth, patch_nums=pn, shared_aln=shared)
+    assert sum(p.numel() for p in m.parameters()) == params
+    assert len(m.state_dict()) == entries - 2  # without the derived lvl_1L and mask
+    if shared:
+        sd = m.state_dict()
+        assert sd["shared_ada_lin.1.weight"].shape == (6 * 2304, 2304) and sd["blocks.35.ada_gss"].shape == (1, 1, 6, 2304)
+        assert "blocks.0.ada_lin.1.weight" not in sd
+
+
+def test_shared_adaln_runs_and_caches():
+    m = tiny(shared_aln=True)
+    q = MultiScaleVQ(16, 4, PN)
+    g = lambda: torch.Generator().manual_seed(0)
+    a = m.generate(q, torch.tensor([0, 1]), cfg=1.0, top_k=3, generator=g())
+    b = m.generate(q, torch.tensor([0, 1]), cfg=1.0, top_k=3, generator=g(), use_cache=False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

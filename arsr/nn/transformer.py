@@ -92,7 +92,7 @@ class AdaLNBlock(nn.Module):
     """x += gamma1 * Attn(LN(x)(1 + scale1) + shift1); x += gamma2 * FFN(LN(x)(1 + scale2) + shift2)."""
 
     def __init__(self, width: int, cond_dim: int, heads: int, drop_path: float = 0.0, l2_norm: bool = True,
-                 text_dim: int | None = None):
+                 text_dim: int | None = None, shared_aln: bool = False):
         super().__init__()
         self.attn = SelfAttention(width, heads, l2_norm)
         if text_dim is not None:  # Infinity: text cross-attention between self-attention and FFN
@@ -100,13 +100,18 @@ class AdaLNBlock(nn.Module):
             self.ca = CrossAttention(width, text_dim, heads)
         self.ffn = FFN(width)
         self.ln_wo_grad = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
-        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
+        if shared_aln:  # VAR-d36: the transformer's shared_ada_lin output + this per-block offset
+            self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width**0.5)
+        else:
+            self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor, mask: Tensor | None, rope: Tensor | None,
                 text: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        # six modulation values in VAR's order: gamma1, gamma2, scale1, scale2, shift1, shift2
-        g1, g2, s1, s2, b1, b2 = rearrange(self.ada_lin(cond), "b (six c) -> six b 1 c", six=6)
+        # six modulation values in VAR's order: gamma1, gamma2, scale1, scale2, shift1, shift2;
+        # with shared AdaLN ``cond`` already holds the shared modulation (B, 1, 6, C)
+        ada = cond + self.ada_gss if hasattr(self, "ada_gss") else rearrange(self.ada_lin(cond), "b (six c) -> b 1 six c", six=6)
+        g1, g2, s1, s2, b1, b2 = rearrange(ada, "b 1 six c -> six b 1 c")
         x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, mask, rope) * g1)
         if text is not None:
             x = x + self.ca(self.ca_norm(x), *text)
@@ -132,6 +137,8 @@ class NextScaleTransformer(nn.Module):
         head: output head component (index classifier or bitwise classifier).
         drop_path: stochastic depth at the last block (None: VAR's 0.1 * depth / 24).
         init_adaln_gamma: scale of the AdaLN gamma rows at init (VAR's --alng).
+        shared_aln: one AdaLN projection shared by all blocks plus a learned per-block offset
+            (VAR-d36's ``shared_ada_lin`` / ``ada_gss``).
     """
 
     def __init__(
@@ -153,6 +160,7 @@ class NextScaleTransformer(nn.Module):
         init_adaln: float = 0.5,
         init_adaln_gamma: float = 1e-5,
         init_head: float = 0.02,
+        shared_aln: bool = False,
     ):
         super().__init__()
         width = width or 64 * depth
@@ -166,6 +174,8 @@ class NextScaleTransformer(nn.Module):
         self.word_embed = nn.Linear(latent_dim, width)
         self.class_emb = nn.Embedding(num_classes, width)
         self.lvl_embed = nn.Embedding(len(patch_nums), width)
+        if shared_aln:
+            self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         self.register_buffer("lvl_1L", L.levels()[None], persistent=False)
         self.conditioning = conditioning
         self.pos_enc = pos_enc
@@ -174,7 +184,8 @@ class NextScaleTransformer(nn.Module):
         if text is not None:
             self.text_proj = nn.Linear(text.dim, width)
         text_dim = text.dim if text is not None else None
-        self.blocks = nn.ModuleList(AdaLNBlock(width, width, heads, r, attn_l2_norm, text_dim) for r in torch.linspace(0, dp, depth).tolist())
+        self.blocks = nn.ModuleList(AdaLNBlock(width, width, heads, r, attn_l2_norm, text_dim, shared_aln)
+                                    for r in (dp * i / max(depth - 1, 1) for i in range(depth)))  # linearly rising drop-path
         self.head = head
         for component in (pos_enc, conditioning):
             if component is not None:
@@ -201,9 +212,13 @@ class NextScaleTransformer(nn.Module):
         for block in self.blocks:
             block.attn.proj.weight.div_(math.sqrt(2 * depth))
             block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
-            w = block.ada_lin[-1].weight
-            w[2 * width :].mul_(init_adaln)
-            w[: 2 * width].mul_(init_adaln_gamma)
+            if hasattr(block, "ada_gss"):
+                block.ada_gss[:, :, 2:].mul_(init_adaln)
+                block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
+            else:
+                w = block.ada_lin[-1].weight
+                w[2 * width :].mul_(init_adaln)
+                w[: 2 * width].mul_(init_adaln_gamma)
         self.head.init_weights(init_head, init_adaln)
 
     # -- sequence assembly ------------------------------------------------------------------
@@ -247,8 +262,9 @@ class NextScaleTransformer(nn.Module):
 
     def run_blocks(self, x: Tensor, cond: Tensor, start: int, mask: Tensor | None, text=None) -> Tensor:
         rope = self.pos_enc.rotary(start, start + x.shape[1])
+        block_cond = rearrange(self.shared_ada_lin(cond), "b (six c) -> b 1 six c", six=6) if hasattr(self, "shared_ada_lin") else cond
         for block in self.blocks:
-            x = block(x, cond, mask, rope, text)
+            x = block(x, block_cond, mask, rope, text)
         return x
 
     # -- teacher-forced forward -------------------------------------------------------------
