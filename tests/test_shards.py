@@ -144,3 +144,22 @@ def test_crop_size_must_fit_scale(tmp_path):
     _bad_shard(tmp_path / "s.tar")
     with pytest.raises(ValueError, match="not divisible"):
         ShardDataModule(str(tmp_path / "s.tar"), BicubicDegradation(4), crop_size=30)
+
+
+def test_pair_pool_fills_then_swaps():
+    from arsr.data.pool import PairPool
+
+    pool = PairPool(6)
+    batches = [{"hr": torch.full((2, 1), float(i)), "key": [f"{i}a", f"{i}b"], "stats": {"x": i}} for i in range(6)]
+    g = torch.Generator().manual_seed(0)
+    outs = [pool(b, g) for b in batches]
+    assert all(o is b for o, b in zip(outs[:3], batches[:3]))  # filling: passed through
+    seen = [v for o in outs[3:] for v in o["hr"].flatten().tolist()]
+    assert len(seen) == 6 and seen != [3.0, 3.0, 4.0, 4.0, 5.0, 5.0]  # mixed across batches
+    for o in outs[3:]:  # tensors and lists stay paired
+        assert [k[0] for k in o["key"]] == [str(int(v)) for v in o["hr"].flatten().tolist()]
+    # every pair is accounted for: what came out plus what the pool holds is every pair put in
+    held = pool.store["hr"].flatten().tolist()
+    assert sorted(seen + held) == sorted(v for b in batches for v in b["hr"].flatten().tolist())
+    with pytest.raises(ValueError, match="multiple of the batch size"):
+        PairPool(5)(batches[0])

@@ -22,6 +22,7 @@ from PIL import Image
 
 from arsr.interfaces import Degradation
 
+from .pool import PairPool
 from .samples import QUALITY_LABELS, BadSample, SampleStats, decode_rgb, image_field
 
 CropMode = Literal["random", "center", "resize_center"]
@@ -138,6 +139,8 @@ class ShardDataModule(L.LightningDataModule):
         batch_size: per-device training batch.
         batches_per_epoch: length of one (virtual) training epoch per device.
         shuffle_buffer: samples held for shuffling inside each worker.
+        pool_size: Real-ESRGAN's training-pair pool after degradation (0 = off; x4plus: 180
+            with batch 12); a multiple of ``batch_size``.
         seed: base seed of crops and degradations.
     """
 
@@ -154,6 +157,7 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int = 2,
         batches_per_epoch: int = 1000,
         shuffle_buffer: int = 500,
+        pool_size: int = 0,
         seed: int = 0,
     ):
         super().__init__()
@@ -166,6 +170,9 @@ class ShardDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        if pool_size % batch_size:
+            raise ValueError(f"pool_size {pool_size} is not a multiple of batch_size {batch_size}")
+        self.pool = PairPool(pool_size) if pool_size else None
 
     def _loader(self, dataset: wds.WebDataset) -> wds.WebLoader:
         return wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
@@ -201,5 +208,9 @@ class ShardDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         hr = batch["hr"].float() / 255.0
-        out = self.degradation(hr, generator=self._generator(batch, hr.device))
-        return batch | {"hr": out.hr, "lr": out.lr, "lr_up": out.lr_up, "degraded": out.degraded}
+        g = self._generator(batch, hr.device)
+        out = self.degradation(hr, generator=g)
+        batch = batch | {"hr": out.hr, "lr": out.lr, "lr_up": out.lr_up, "degraded": out.degraded}
+        if self.pool is not None and self.trainer is not None and self.trainer.training:
+            batch = self.pool(batch, torch.Generator().manual_seed(g.initial_seed()))
+        return batch
