@@ -25,6 +25,9 @@ from .base import ARSRTask, adamw
 class _TokenizerTask(ARSRTask):
     """Shared by the AR tasks: a frozen tokenizer, optionally loaded from safetensors."""
 
+    not_saved = ("tokenizer",)  # the frozen tokenizer is an input, not a result
+    init_strict: bool = True
+
     def __init__(self, tokenizer: VQVAE, tokenizer_from: str | None, optimizer, lr_scheduler, init_from, image_log_every):
         super().__init__(optimizer, lr_scheduler, init_from, image_log_every)
         if tokenizer_from:  # a converted tokenizer, or a TokenizerFinetune export (keys under "tokenizer.")
@@ -43,37 +46,25 @@ class _TokenizerTask(ARSRTask):
     def quantizer(self):
         return self.tokenizer.quantize
 
-    def state_dict(self, *args, **kwargs):  # the frozen tokenizer is an input, not a result
-        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("tokenizer.")}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        state_dict = dict(state_dict) | {f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
-
-    init_strict: bool = True
-
-    def setup(self, stage: str) -> None:
+    def load_initial_weights(self, state: dict[str, Tensor]) -> None:
         """init_from loads every top-level part present in the file (transformer, refiner,
         scale_predictor, ...); each part it loads must match exactly, unless ``init_strict`` is
         False: then tensors of matching name and shape load and the rest is reported (e.g. MSVAR
         starting from var_d16, whose position table and class embedding differ)."""
-        if self.init_from and not getattr(self, "_initialised", False):
-            state = load_weights(self.init_from)
-            present = {k.split(".", 1)[0] for k in state}
-            parts = nn.ModuleDict({n: m for n, m in self.named_children() if n != "tokenizer" and n in present})
-            if not len(parts):
-                have = sorted(n for n, _ in self.named_children() if n != "tokenizer")
-                raise ValueError(f"init_from={self.init_from} holds none of this task's parts {have} (found {sorted(present)[:5]})")
-            if self.init_strict:
-                load_into(parts, state, f"init_from={self.init_from}")
-            else:
-                own = parts.state_dict()
-                fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-                parts.load_state_dict(fits, strict=False)
-                left_out = sorted(set(own) - set(fits))
-                print(f"arsr: init_from={self.init_from}: loaded {len(fits)} tensors; kept the initialisation of "
-                      f"{len(left_out)}: {left_out[:8]}{' ...' if len(left_out) > 8 else ''}")
-            self._initialised = True
+        present = {k.split(".", 1)[0] for k in state}
+        own_parts = {n: m for n, m in self.named_children() if n not in self.not_saved}
+        parts = nn.ModuleDict({n: m for n, m in own_parts.items() if n in present})
+        if not len(parts):
+            raise ValueError(f"init_from={self.init_from} holds none of this task's parts {sorted(own_parts)} (found {sorted(present)[:5]})")
+        if self.init_strict:
+            load_into(parts, state, f"init_from={self.init_from}")
+            return
+        own = parts.state_dict()
+        fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        parts.load_state_dict(fits, strict=False)
+        left_out = sorted(set(own) - set(fits))
+        print(f"arsr: init_from={self.init_from}: loaded {len(fits)} tensors; kept the initialisation of "
+              f"{len(left_out)}: {left_out[:8]}{' ...' if len(left_out) > 8 else ''}")
 
     @staticmethod
     def images(batch: dict) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,13 @@ class ARSRTask(L.LightningModule):
         init_from: ``.safetensors`` weights to start from (this task's own export, or a file
             written by ``tools/convert.py``). Not a resume: use ``--ckpt_path`` for that.
         image_log_every: log an image grid every this many training steps (0 = never).
+
+    ``not_saved`` names child modules that are inputs rather than results (a frozen tokenizer,
+    a perceptual network): their weights are left out of checkpoints and exports, and kept as
+    they are when a checkpoint is loaded.
     """
+
+    not_saved: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -45,10 +51,24 @@ class ARSRTask(L.LightningModule):
         """The module that ``init_from`` weights are loaded into (the whole task by default)."""
         return self
 
+    def load_initial_weights(self, state: dict[str, Tensor]) -> None:
+        """Load ``init_from`` weights (into :meth:`init_module_from`, exactly)."""
+        load_into(self.init_module_from(), state, f"init_from={self.init_from}")
+
     def setup(self, stage: str) -> None:
         if self.init_from and not getattr(self, "_initialised", False):
-            load_into(self.init_module_from(), load_weights(self.init_from), f"init_from={self.init_from}")
+            self.load_initial_weights(load_weights(self.init_from))
             self._initialised = True
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        drop = tuple(f"{kwargs.get('prefix', '')}{name}." for name in self.not_saved)
+        return type(state)((k, v) for k, v in state.items() if not k.startswith(drop)) if drop else state
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = {f"{name}.{k}": v for name in self.not_saved if getattr(self, name, None) is not None
+               for k, v in getattr(self, name).state_dict().items()}
+        return super().load_state_dict(dict(state_dict) | own, strict=strict, assign=assign)
 
     # optimisation
     def param_groups(self) -> list[dict]:

@@ -42,6 +42,8 @@ class TokenizerFinetune(ARSRTask):
             is logged for every scale in validation).
     """
 
+    not_saved = ("lpips",)  # LPIPS weights are not ours to save
+
     def __init__(
         self,
         tokenizer: VQVAE,
@@ -74,14 +76,6 @@ class TokenizerFinetune(ARSRTask):
 
     def init_module_from(self):
         return self.tokenizer
-
-    def state_dict(self, *args, **kwargs):  # LPIPS weights are not ours to save
-        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("lpips.")}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        if self.lpips is not None:
-            state_dict = dict(state_dict) | {f"lpips.{k}": v for k, v in self.lpips.state_dict().items()}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def reconstruction_loss(self, rec: Tensor, img: Tensor) -> dict[str, Tensor]:
         terms = {"l1": F.l1_loss(rec, img), "l2": F.mse_loss(rec, img)}
