@@ -163,11 +163,15 @@ class VQVAE(nn.Module):
         super().__init__()
         z = quantizer.dim
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, z, using_sa=using_sa, using_mid_sa=using_mid_sa)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z, using_sa=using_sa, using_mid_sa=using_mid_sa)
+        self.build_decoders(quantizer, lambda: Decoder(ch, ch_mult, num_res_blocks, z, using_sa=using_sa, using_mid_sa=using_mid_sa))
         self.quantize = quantizer
         conv = lambda: nn.Conv2d(z, z, quant_conv_ks, padding=quant_conv_ks // 2) if quant_conv_ks else nn.Identity()
         self.quant_conv, self.post_quant_conv = conv(), conv()
         self.downsample = 2 ** (len(ch_mult) - 1)
+
+    def build_decoders(self, quantizer: Quantizer, make) -> None:
+        """Create the decoder(s); ``make()`` builds one."""
+        self.decoder = make()
 
     def encode(self, img: Tensor) -> Tensor:
         """(B, 3, H, W) -> f (B, z, H/16, W/16), before quantisation."""
@@ -196,15 +200,9 @@ class HierarchicalVQVAE(VQVAE):
     Weights of a single-decoder VQVAE (``decoder.*``, e.g. Switti's) load into every decoder.
     """
 
-    def __init__(self, quantizer: Quantizer, ch: int = 160, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
-                 num_res_blocks: int = 2, using_sa: bool = True, using_mid_sa: bool = True, quant_conv_ks: int = 3):
-        super().__init__(quantizer, ch, ch_mult, num_res_blocks, using_sa, using_mid_sa, quant_conv_ks)
+    def build_decoders(self, quantizer: Quantizer, make) -> None:
         self.target_sides = tuple(quantizer.target_sides)
-        del self.decoder
-        self.decoders = nn.ModuleList(
-            Decoder(ch, ch_mult, num_res_blocks, quantizer.dim, using_sa=using_sa, using_mid_sa=using_mid_sa)
-            for _ in self.target_sides
-        )
+        self.decoders = nn.ModuleList(make() for _ in self.target_sides)
 
     def encode(self, img: Tensor) -> list[Tensor]:
         feats = []
