@@ -1,8 +1,9 @@
 """LR conditioning: prefix tokens, tokenizer-encoder features, NSARM's transformation network, labels."""
 
 from .labels import ConstantLabel, DegradationClasses, QualityCFG
+from .nsarm_map import NSARMTransformationNet
 from .prefix import EncoderFeatures, PrefixTokens
 from .text import ByteCaptionEncoder
 from .transformation import TransformationNet
 
-__all__ = ["ByteCaptionEncoder", "ConstantLabel", "DegradationClasses", "EncoderFeatures", "PrefixTokens", "QualityCFG", "TransformationNet"]
+__all__ = ["ByteCaptionEncoder", "ConstantLabel", "DegradationClasses", "EncoderFeatures", "NSARMTransformationNet", "PrefixTokens", "QualityCFG", "TransformationNet"]
