@@ -7,8 +7,8 @@ centre crops and a degradation seeded by the sample keys, so it is identical run
 
 from __future__ import annotations
 
-import json
 import random
+import sys
 import zlib
 from pathlib import Path
 from collections.abc import Iterator
@@ -18,12 +18,14 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image
 
 from arsr.interfaces import Degradation
 
 from .pool import PairPool
-from .samples import QUALITY_LABELS, BadSample, SampleStats, decode_rgb, image_field
+from .samples import BadSample, SampleStats, decode_rgb, image_field, parse_meta
+from .stream import ResumableLoader, TrainStream, seeded
 
 CropMode = Literal["random", "center", "resize_center"]
 
@@ -54,46 +56,38 @@ def crop_hr(arr: np.ndarray, size: int, mode: CropMode, rng: random.Random, hfli
     return np.ascontiguousarray(out)
 
 
-class CleanSamples:
-    """Pipeline stage: raw shard samples -> decoded crops; bad ones counted, never raised.
+def clean_sample(sample: dict, crop_size: int, crop: CropMode, hflip: bool, rng: random.Random) -> tuple[dict, SampleStats]:
+    """A raw shard sample -> a training sample (HR crop, caption, quality, key) and the conversions
+    applied; raises :class:`BadSample` naming the reason when it cannot be used."""
+    key = image_field(sample)
+    if key is None:
+        raise BadSample("missing_image", f"sample {sample.get('__key__')} has fields {sorted(sample)}")
+    caption, quality = parse_meta(sample.get("json"))
+    arr, converted = decode_rgb(sample[key])
+    hr = crop_hr(arr, crop_size, crop, rng, hflip)
+    item = {"hr": torch.from_numpy(hr).permute(2, 0, 1), "caption": caption, "quality": quality, "key": sample.get("__key__", "")}
+    return item, SampleStats({f"converted_{converted}": 1} if converted else {})
 
-    Each yielded sample carries the skip counts accumulated since the previous one, so the
-    counts travel with the batches out of the worker processes and can be logged (on a
-    finite stream, skips after its last good sample go unreported).
+
+class CleanSamples:
+    """Pipeline stage (validation): raw shard samples -> decoded crops; bad ones counted, never raised.
+
+    Each yielded sample carries the counts accumulated since the previous one, so the counts
+    travel with the batches out of the worker processes and can be logged.
     """
 
     def __init__(self, crop_size: int, crop: CropMode, hflip: bool, seed: int):
         self.crop_size, self.crop, self.hflip, self.seed = crop_size, crop, hflip, seed
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        rank = int(torch.distributed.get_rank()) if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        rng = random.Random(self.seed * 1_000_003 + rank * 1009 + worker)
         pending = SampleStats()
         for sample in src:
             try:
-                key = image_field(sample)
-                if key is None:
-                    raise BadSample("missing_image", f"sample {sample.get('__key__')} has fields {sorted(sample)}")
-                arr, converted = decode_rgb(sample[key])
-                if converted:
-                    pending[f"converted_{converted}"] += 1
-                hr = crop_hr(arr, self.crop_size, self.crop, rng, self.hflip)
-                meta = json.loads(sample["json"]) if "json" in sample else {}
+                item, conv = clean_sample(sample, self.crop_size, self.crop, self.hflip, random.Random(self.seed))
             except BadSample as e:
                 pending[f"skipped_{e.reason}"] += 1
                 continue
-            except (ValueError, UnicodeDecodeError):  # unreadable metadata
-                pending["skipped_bad_json"] += 1
-                continue
-            yield {
-                "hr": torch.from_numpy(hr).permute(2, 0, 1),  # (3, H, W) uint8
-                "caption": meta.get("caption") or "",
-                "quality": QUALITY_LABELS.get(meta.get("quality"), -1),
-                "key": sample.get("__key__", ""),
-                "stats": pending,
-            }
+            yield item | {"stats": pending + conv}
             pending = SampleStats()
 
 
@@ -129,19 +123,24 @@ def expand_urls(urls: str | list[str]) -> list[str]:
 class ShardDataModule(L.LightningDataModule):
     """HR crops from WebDataset shards, degraded to (LR, HR) pairs on the training device.
 
+    Training is a deterministic, resumable stream (:mod:`arsr.data.stream`): the same seed and
+    config give the same batches, and ``--ckpt_path`` resumes them exactly (same devices and
+    ``num_workers``). Each training batch also reseeds torch, numpy and ``random`` from (seed,
+    rank, batch index), so model-side randomness (dropout, scale dropout) resumes exactly too.
+
     Args:
         train_shards: URL(s) or brace pattern(s) of the training shards.
-        val_shards: the same for validation; None disables validation.
+        val_shards: the same for validation (and ``arsr test``); None disables validation.
         degradation: how LR inputs are synthesised (any :class:`arsr.interfaces.Degradation`).
         crop_size: HR crop side in pixels (must be divisible by the degradation's scale).
         crop: ``random`` (training), or ``resize_center`` (VARSR: short side to 1.25 x crop,
             then the centre). Validation always uses a deterministic centre crop.
         batch_size: per-device training batch.
         batches_per_epoch: length of one (virtual) training epoch per device.
-        shuffle_buffer: samples held for shuffling inside each worker.
+        shuffle_buffer: samples held for shuffling inside each shard read.
         pool_size: Real-ESRGAN's training-pair pool after degradation (0 = off; x4plus: 180
             with batch 12); a multiple of ``batch_size``.
-        seed: base seed of crops and degradations.
+        seed: base seed of shard draws, shuffling, crops and degradations.
     """
 
     def __init__(
@@ -149,20 +148,22 @@ class ShardDataModule(L.LightningDataModule):
         train_shards: str | list[str],
         degradation: Degradation,
         val_shards: str | list[str] | None = None,
-        crop_size: int = 256,
+        crop_size: PositiveInt = 256,
         crop: Literal["random", "resize_center"] = "random",
         hflip: bool = True,
-        batch_size: int = 8,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        batches_per_epoch: int = 1000,
-        shuffle_buffer: int = 500,
-        pool_size: int = 0,
+        batch_size: PositiveInt = 8,
+        val_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 2,
+        batches_per_epoch: PositiveInt = 1000,
+        shuffle_buffer: PositiveInt = 500,
+        pool_size: NonNegativeInt = 0,
         seed: int = 0,
     ):
         super().__init__()
         if crop_size % degradation.scale:
             raise ValueError(f"crop_size {crop_size} is not divisible by the degradation scale {degradation.scale}")
+        if pool_size % batch_size:
+            raise ValueError(f"pool_size {pool_size} is not a multiple of batch_size {batch_size}")
         self.train_urls = expand_urls(train_shards)
         self.val_urls = expand_urls(val_shards) if val_shards else []
         self.degradation = degradation
@@ -170,24 +171,26 @@ class ShardDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.batches_per_epoch = num_workers, batches_per_epoch
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
-        if pool_size % batch_size:
-            raise ValueError(f"pool_size {pool_size} is not a multiple of batch_size {batch_size}")
         self.pool = PairPool(pool_size) if pool_size else None
+        self.train_loader: ResumableLoader | None = None
+        self.epoch_stats = SampleStats()
 
-    def _loader(self, dataset: wds.WebDataset) -> wds.WebLoader:
-        return wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _clean(self, sample: dict, rng: random.Random) -> dict:
+        item, converted = clean_sample(sample, self.crop_size, self.crop, self.hflip, rng)
+        return item | {"stats": converted}
 
-    def train_dataloader(self):
-        ds = (
-            wds.WebDataset(self.train_urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node,
-                           handler=wds.warn_and_continue, empty_check=False)
-            .shuffle(self.shuffle_buffer, rng=random.Random(self.seed))
-            .compose(CleanSamples(self.crop_size, self.crop, self.hflip, self.seed))
-            .batched(self.batch_size, collation_fn=collate, partial=False)
-        )
-        return self._loader(ds).with_epoch(self.batches_per_epoch)
+    def train_dataloader(self) -> ResumableLoader:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+        def stream(state: dict) -> TrainStream:
+            return TrainStream(self.train_urls, self._clean, collate, self.batch_size, self.shuffle_buffer, self.seed,
+                               self.batches_per_epoch, state, rank, world, self.num_workers)
+
+        self.train_loader = ResumableLoader(stream, self.num_workers, rank, world)
+        return self.train_loader
 
     def val_dataloader(self):
+        """Validation shards once, in order, centre crops; the last batch is partial (no sample repeats)."""
         if not self.val_urls:
             return []
         ds = (
@@ -196,15 +199,39 @@ class ShardDataModule(L.LightningDataModule):
             .compose(CleanSamples(self.crop_size, "center", False, self.seed))
             .batched(self.val_batch_size, collation_fn=collate, partial=True)
         )
-        return self._loader(ds)
+        return wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def test_dataloader(self):
+        """``arsr test`` on shards: the validation shards, each sample once."""
+        if not self.val_urls:
+            raise ValueError("arsr test with ShardDataModule needs --data.init_args.val_shards")
+        return self.val_dataloader()
 
     def _generator(self, batch: dict, device: torch.device) -> torch.Generator:
         trainer = self.trainer
-        if trainer is not None and trainer.training:
-            seed = hash((self.seed, trainer.global_step, trainer.global_rank)) & 0x7FFF_FFFF_FFFF
+        if trainer is not None and trainer.training and self.train_loader is not None:
+            # a function of the batch's place in the run: survives a resume
+            seed = seeded(self.seed, "degrade", trainer.global_rank, self.train_loader.stream_state["consumed"]).getrandbits(62)
         else:  # evaluation: a function of the samples alone
             seed = zlib.crc32("|".join(batch["key"]).encode()) + self.seed
         return torch.Generator(device=device).manual_seed(seed)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        trainer = self.trainer
+        if trainer is None or not trainer.training or "stream" not in batch or self.train_loader is None:
+            return batch
+        self.train_loader.advance(batch)
+        n = self.train_loader.stream_state["consumed"]
+        rng = seeded(self.seed, "model", trainer.global_rank, n)
+        torch.manual_seed(rng.getrandbits(63))
+        np.random.seed(rng.getrandbits(32))
+        random.seed(rng.getrandbits(63))
+        self.epoch_stats.update(batch.get("stats", {}))
+        if n % self.batches_per_epoch == 0:
+            if trainer.is_global_zero:
+                print(f"arsr: data, epoch ending at batch {n}: {self.epoch_stats.summary()}", file=sys.stderr)
+            self.epoch_stats = SampleStats()
+        return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         hr = batch["hr"].float() / 255.0
@@ -214,3 +241,11 @@ class ShardDataModule(L.LightningDataModule):
         if self.pool is not None and self.trainer is not None and self.trainer.training:
             batch = self.pool(batch, torch.Generator().manual_seed(g.initial_seed()))
         return batch
+
+    def state_dict(self) -> dict:
+        """The training-pair pool (the stream's position is the train loader's state)."""
+        return {"pool": self.pool.state_dict()} if self.pool is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.pool is not None and "pool" in state:
+            self.pool.load_state_dict(state["pool"])

@@ -28,6 +28,9 @@ class PairPool:
         if self.size % b:
             raise ValueError(f"pool_size {self.size} is not a multiple of the batch size {b}")
         fields = self._fields(batch, b)
+        for k, v in self.store.items():  # restored from a checkpoint on the CPU
+            if isinstance(v, Tensor) and v.device != batch[k].device:
+                self.store[k] = v.to(batch[k].device)
         if not self.store:
             self.store = {k: (batch[k].new_empty((self.size, *batch[k].shape[1:])) if isinstance(batch[k], Tensor)
                               else [None] * self.size) for k in fields}
@@ -51,3 +54,10 @@ class PairPool:
             self.store[k][where] = value
         else:
             self.store[k][where] = list(value)
+
+    def state_dict(self) -> dict:
+        store = {k: v.cpu() if isinstance(v, Tensor) else list(v) for k, v in self.store.items()}
+        return {"ptr": self.ptr, "store": store}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ptr, self.store = state["ptr"], dict(state["store"])

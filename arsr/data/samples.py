@@ -7,11 +7,12 @@ goes through the same checks.
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from collections import Counter
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 QUALITY_LABELS = {"negative": 0, "positive": 1}  # -1 = unlabelled
@@ -25,19 +26,33 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def decode_rgb(data: bytes) -> tuple[np.ndarray, str | None]:
-    """Image bytes -> (H, W, 3) uint8 RGB and the conversion applied (None if it was clean RGB8).
+def open_image(data: bytes) -> Image.Image:
+    """The one guarded decode every image goes through: bytes -> loaded PIL image, EXIF orientation applied.
 
-    Sound conversions: grayscale and palette images to RGB, 16-bit to 8-bit, CMYK to RGB,
-    RGBA/LA whose alpha is fully opaque to RGB. Anything else raises :class:`BadSample`.
+    A declared size above PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is refused
+    before any pixel is decoded; unreadable or truncated data raises :class:`BadSample` too.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadSample("corrupt", str(e)) from None
+            return ImageOps.exif_transpose(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # PIL's message names both sizes
+        raise BadSample("decompression_bomb", str(e)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise BadSample("corrupt", str(e) or type(e).__name__) from None
+
+
+def decode_rgb(data: bytes) -> tuple[np.ndarray, str | None]:
+    """Image bytes -> (H, W, 3) uint8 RGB and the conversion applied (None if it was clean RGB8).
+
+    Sound conversions: grayscale and palette images to RGB, 16-bit to 8-bit, CMYK to RGB,
+    RGBA/LA whose alpha is fully opaque to RGB. EXIF orientation is applied. Anything else
+    raises :class:`BadSample`.
+    """
+    img = open_image(data)
     mode = img.mode
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8), None
@@ -90,3 +105,28 @@ class SampleStats(Counter):
 
     def summary(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in sorted(self.items())) or "none"
+
+
+def parse_meta(raw: bytes | None) -> tuple[str, int]:
+    """A sample's ``json`` field -> (caption, quality label), type-checked.
+
+    ``caption`` may be a string, null or a list of strings (the first non-empty one is used);
+    ``quality`` may be null, ``"positive"`` or ``"negative"``. Anything else raises
+    :class:`BadSample` (``bad_json``) naming the field.
+    """
+    if raw is None:
+        return "", -1
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadSample("bad_json", f"unreadable json ({e})") from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", f"json must be an object, got {type(meta).__name__}")
+    caption, quality = meta.get("caption"), meta.get("quality")
+    if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
+        caption = next((c for c in caption if c.strip()), "")
+    if caption is not None and not isinstance(caption, str):
+        raise BadSample("bad_json", f"caption must be a string, null or a list of strings, got {caption!r:.60}")
+    if quality is not None and quality not in QUALITY_LABELS:
+        raise BadSample("bad_json", f"quality must be null, 'positive' or 'negative', got {quality!r:.60}")
+    return caption or "", QUALITY_LABELS.get(quality, -1)
