@@ -95,6 +95,8 @@ class SafetensorsCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
         weights = full_state_dict(trainer.lightning_module)  # every rank takes part when sharded
+        for cb in trainer.callbacks:  # a callback may export other weights (arsr.optim.EMA: the average)
+            weights = cb.export_weights(weights) if hasattr(cb, "export_weights") else weights
         if trainer.is_global_zero:
             atomic_save_safetensors(weights, Path(filepath).with_suffix(".safetensors"), {"step": str(trainer.global_step)})
 

@@ -10,20 +10,24 @@ import torchvision
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from arsr import optim
 from arsr.checkpoint import load_into, load_weights
 
 
 def adamw(params: Iterable) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    """The default optimiser: :class:`arsr.optim.AdamW` (VAR's groups) at lr 1e-4, weight decay 0.05."""
+    return optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
 
 
 class ARSRTask(L.LightningModule):
     """Base of the arsr tasks.
 
     Args:
-        optimizer: callable building the optimiser from parameter groups (YAML: ``class_path:
-            torch.optim.AdamW`` + ``init_args``).
-        lr_scheduler: optional callable building a scheduler from the optimiser (stepped per step).
+        optimizer: callable building the optimiser from the named trainable parameters (YAML:
+            ``class_path: arsr.optim.AdamW`` + ``init_args``; VAR's decay / no-decay groups, lr
+            multipliers per module prefix, fused kernels).
+        lr_scheduler: optional callable building a scheduler from the optimiser, stepped every
+            optimizer step (``arsr.optim.WarmupDecay``: VAR's warm-up / plateau / decay).
         init_from: ``.safetensors`` weights to start from (this task's own export, or a file
             written by ``tools/convert.py``). Not a resume: use ``--ckpt_path`` for that.
         image_log_every: log an image grid every this many training steps (0 = never).
@@ -70,15 +74,18 @@ class ARSRTask(L.LightningModule):
                for k, v in getattr(self, name).state_dict().items()}
         return super().load_state_dict(dict(state_dict) | own, strict=strict, assign=assign)
 
-    # optimisation
-    def param_groups(self) -> list[dict]:
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
-
+    # optimisation (one place for every task: arsr.optim)
     def configure_optimizers(self):
-        opt = self.optimizer_factory(self.param_groups())
-        if self.scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt), "interval": "step"}}
+        return optim.configure(self, self.optimizer_factory, self.scheduler_factory)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Log the lr (and weight decay) of every parameter group used by this step."""
+        opt = self.optimizers(use_pl_optimizer=False)
+        for i, g in enumerate(opt.param_groups):
+            name = g.get("name", f"pg{i}")
+            self.log(f"lr/{name}", g["lr"], on_step=True, on_epoch=False, batch_size=1)
+            if g.get("weight_decay", 0) > 0:
+                self.log(f"wd/{name}", g["weight_decay"], on_step=True, on_epoch=False, batch_size=1)
 
     # logging
     def log_data_stats(self, batch: dict) -> None:
