@@ -3,14 +3,16 @@ last scale's discrete token could not represent (after MAR's DiffLoss).
 
 Training: z = LN(h_last + word_embed(code)) conditions an AdaLN MLP that predicts the noise
 (and an interpolated variance) of ``(f_rest_before_last - code) / latent_scale`` under a cosine
-schedule of 1000 steps; loss = MSE(eps) + variational bound. Sampling: 10 respaced ancestral
-steps from pure noise, x0 clipped to [-1, 1], optional CFG on eps.
+schedule of 1000 steps; loss = MSE(eps) + variational bound (at t = 0 the discretised Gaussian
+log-likelihood, bins of +-1/255). Sampling: 10 respaced ancestral steps from pure noise, x0
+clipped to [-1, 1], CFG on eps (none at cfg 1.0, as VARSR).
 Parameter names follow VARSR (``decoder_norm``, ``diffloss.net.*``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from einops import rearrange, repeat
@@ -22,6 +24,23 @@ from arsr.interfaces import Refiner
 def cosine_betas(T: int, max_beta: float = 0.999) -> Tensor:
     abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
     return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)], dtype=torch.float64)
+
+
+def approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    """The tanh approximation of the standard normal CDF."""
+    return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """log P(x) for N(mean, exp(log_scale)^2) discretised into bins of +-1/255 around x; below
+    -0.999 the bin extends to -inf and above 0.999 to +inf (log-probabilities floored at log 1e-12)."""
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = approx_standard_normal_cdf(inv_std * (x - mean + 1 / 255))
+    cdf_min = approx_standard_normal_cdf(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_min = (1 - cdf_min).clamp(min=1e-12).log()
+    log_bin = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_bin))
 
 
 def respaced_steps(T: int, n: int) -> list[int]:
@@ -70,9 +89,12 @@ class GaussianDiffusion:
         mean = self._at(self.post_c0, t, x) * x0 + self._at(self.post_ct, t, x) * x
         return mean, log_var, x0
 
-    def training_loss(self, net, x0: Tensor, cond: Tensor) -> Tensor:
-        t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0)
+    def training_loss(self, net, x0: Tensor, cond: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
+        """Mean over tokens of MSE(eps) + the variational bound in bits (t, noise: drawn when None)."""
+        if t is None:
+            t = torch.randint(0, self.T, (x0.shape[0],), device=x0.device)
+        if noise is None:
+            noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)
         eps, v = net(xt, self.timestep_map.to(x0.device)[t], cond).chunk(2, dim=-1)
         mse = (eps - noise).pow(2).mean(-1)
@@ -81,14 +103,17 @@ class GaussianDiffusion:
         true_mean = self._at(self.post_c0, t, x0) * x0 + self._at(self.post_ct, t, x0) * xt
         true_log_var = self._at(self.post_log_var, t, x0)
         kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var) + (true_mean - mean) ** 2 * torch.exp(-log_var))
-        nll = 0.5 * (math.log(2 * math.pi) + log_var + (x0 - mean) ** 2 * torch.exp(-log_var))  # t == 0
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)  # t == 0: the decoder term
         vb = torch.where(t[:, None] == 0, nll, kl).mean(-1) / math.log(2.0)
         return (mse + vb).mean()
 
     @torch.no_grad()
     def sample(self, net, cond: Tensor, dim: int, cfg: float = 0.0, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:
-        """cond (N, C) -> x0 (N, dim); with cfg > 0, cond holds [positive; negative] halves and N/2 samples come back."""
+        """cond (N, C) -> x0 (N, dim); with cfg > 0, cond holds [positive; negative] halves and N/2
+        samples come back. At cfg exactly 1.0 the positive half is sampled without guidance (VARSR)."""
+        if cfg == 1.0:
+            cond, cfg = cond[: cond.shape[0] // 2], 0.0
         n = cond.shape[0] // 2 if cfg > 0 else cond.shape[0]
         x = torch.randn(n, dim, generator=generator, device=cond.device)
         for i in reversed(range(self.T)):
@@ -175,11 +200,15 @@ class DiffusionRefiner(Refiner):
         latent_scale: the residual is divided by this before diffusion (VARSR: 0.6).
         batch_mul: timesteps drawn per token and step (VARSR: 4).
         weight: lambda, the refiner loss weight in the total loss (VARSR: 2.0).
+        init: ``varsr``: as a VARSR model built from scratch, whose transformer init also covers the
+            refiner (every Linear truncated-normal std sqrt(1 / (3 cond_dim)), bias 0; LayerNorm 1, 0);
+            ``mar``: MAR's own DiffLoss init (xavier-uniform, N(0, 0.02) time MLP, zero AdaLN and
+            output layers). Irrelevant when weights are loaded.
     """
 
     def __init__(self, latent_dim: int = 32, cond_dim: int = 1536, width: int = 1024, depth: int = 6,
                  train_steps: int = 1000, sample_steps: int = 10, latent_scale: float = 0.6, batch_mul: int = 4,
-                 weight: float = 2.0):
+                 weight: float = 2.0, init: Literal["varsr", "mar"] = "varsr"):
         super().__init__()
         self.latent_dim, self.latent_scale, self.batch_mul, self.weight = latent_dim, latent_scale, batch_mul, weight
         self.decoder_norm = nn.LayerNorm(cond_dim, eps=1e-6)
@@ -187,6 +216,27 @@ class DiffusionRefiner(Refiner):
         betas = cosine_betas(train_steps)
         self.train_diffusion = GaussianDiffusion(betas)
         self.sample_diffusion = GaussianDiffusion.respaced(betas, respaced_steps(train_steps, sample_steps))
+        self.init_weights(init, cond_dim)
+
+    @torch.no_grad()
+    def init_weights(self, init: Literal["varsr", "mar"], cond_dim: int) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                if init == "varsr":
+                    nn.init.trunc_normal_(m.weight, std=math.sqrt(1 / (3 * cond_dim)))
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if init == "mar":
+            net = self.diffloss.net
+            for lin in (net.time_embed.mlp[0], net.time_embed.mlp[2]):
+                nn.init.normal_(lin.weight, std=0.02)
+            for layer in [b.adaLN_modulation[-1] for b in net.res_blocks] + [net.final_layer.adaLN_modulation[-1], net.final_layer.linear]:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def condition(self, h_last: Tensor, code_embed: Tensor) -> Tensor:
         """h_last, code_embed (B, N, C) -> per-token conditions (B*N, C)."""
