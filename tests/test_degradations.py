@@ -124,3 +124,18 @@ def test_bicubic_and_size_check():
         RealESRGANDegradation(scale=4)(torch.rand(1, 3, 30, 30))
     with pytest.raises(ValueError, match="sum to 1"):
         RealESRGANDegradation(resize_prob=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("gaussian", [True, False], ids=["gaussian", "poisson"])
+def test_gray_noise_is_one_field_in_three_channels(gaussian):
+    from arsr.components.degradations.realesrgan import add_noise
+
+    x = 0.3 + 0.4 * hr_batch(4, 32)
+    prob = 1.0 if gaussian else 0.0
+    gray, p = add_noise(x, prob, (10.0, 10.0), (1.0, 1.0), 1.0, gen(0))
+    noise = gray - x
+    assert p["gray_noise"].all() and noise.abs().max() > 0.01
+    torch.testing.assert_close(noise[:, 1], noise[:, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(noise[:, 2], noise[:, 0], atol=1e-6, rtol=0)
+    colour = add_noise(x, prob, (10.0, 10.0), (1.0, 1.0), 0.0, gen(0))[0] - x
+    assert (colour[:, 1] - colour[:, 0]).abs().max() > 0.01

@@ -33,8 +33,8 @@ CropMode = Literal["random", "center", "resize_center"]
 def crop_hr(arr: np.ndarray, size: int, mode: CropMode, rng: random.Random, hflip: bool) -> np.ndarray:
     """(H, W, 3) uint8 -> (size, size, 3) uint8.
 
-    random: a random window (+ optional horizontal flip); center: the central window;
-    resize_center: VARSR's recipe, short side resized to 1.25 x size, then the central window.
+    random: a random window; center: the central window; resize_center: VARSR's recipe, short
+    side resized to 1.25 x size, then the central window. ``hflip``: a random horizontal flip after any of them.
     """
     h, w = arr.shape[:2]
     if mode == "resize_center":
@@ -51,7 +51,7 @@ def crop_hr(arr: np.ndarray, size: int, mode: CropMode, rng: random.Random, hfli
     else:
         top, left = (h - size) // 2, (w - size) // 2
     out = arr[top : top + size, left : left + size]
-    if hflip and mode == "random" and rng.random() < 0.5:
+    if hflip and rng.random() < 0.5:
         out = out[:, ::-1]
     return np.ascontiguousarray(out)
 
@@ -135,6 +135,7 @@ class ShardDataModule(L.LightningDataModule):
         crop_size: HR crop side in pixels (must be divisible by the degradation's scale).
         crop: ``random`` (training), or ``resize_center`` (VARSR: short side to 1.25 x crop,
             then the centre). Validation always uses a deterministic centre crop.
+        hflip: random horizontal flip of training crops, with every crop mode (VARSR flips too).
         batch_size: per-device training batch.
         batches_per_epoch: length of one (virtual) training epoch per device.
         shuffle_buffer: samples held for shuffling inside each shard read.

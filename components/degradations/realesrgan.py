@@ -6,6 +6,7 @@ Gaussian vs Poisson noise, its strength and colour/gray choice, JPEG quality, an
 clean bilinear branch. Per batch (as Real-ESRGAN, since sizes must agree inside a batch):
 resize direction, factor and interpolation mode, and the order of the final stage.
 
+Gray noise (Gaussian or Poisson) is one field copied to the three channels, as BasicSR.
 Deviations from BasicSR, on purpose: each gray-noise sample draws its own noise field
 (BasicSR shares one field across the batch); JPEG is Kornia's differentiable codec
 (libjpeg-style tables) rather than BasicSR's DiffJPEG; the training-pair pool is not
@@ -72,6 +73,7 @@ def add_noise(
     levels = (hist > 0).sum(1).float()
     vals = (2 ** torch.ceil(torch.log2(levels)))[:, None, None, None]
     poisson = (torch.poisson(q / 255 * vals, generator=g) / vals - q / 255) * scale[:, None, None, None]
+    poisson = torch.where(gray, poisson[:, :1].expand_as(poisson), poisson)  # gray: one field in all channels
 
     noise = torch.where(use_gauss[:, None, None, None], gauss, poisson)
     params = {"gaussian_noise": use_gauss, "gray_noise": gray.flatten(), "noise_sigma": sigma, "poisson_scale": scale}
