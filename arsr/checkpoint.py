@@ -7,32 +7,126 @@ for ``init_from`` (start from weights, fresh optimizer and step counter).
 
 from __future__ import annotations
 
+import errno
+import io
 import os
+import pickle
 import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Write ``path`` all or nothing: yields a temporary path in the same folder (never ``$TMPDIR``:
+    a rename across filesystems would not be atomic); once written it is fsynced, given the
+    mode a new file gets (0666 minus the umask; mkstemp's 0600 would hide it from other users)
+    and renamed over ``path``. The previous file stays intact until then; a full disk raises a
+    clear error and leaves no partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a power loss
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the device holding {path.parent} while writing {path.name}; "
+                                   "nothing was replaced (earlier files are intact): free space and resume with --ckpt_path last") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors export through :func:`atomic_path`."""
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` writing ``.ckpt`` files through :func:`atomic_path` (temporary file
+    in the target folder, fsync, rename), so ``last.ckpt`` is replaced only by a complete file.
+    Loading is weights-only: a checkpoint holding pickled code is refused, never run."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)  # serialised first: a failing write then raises a plain OSError (ENOSPC)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buf.getbuffer())
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = True) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise ValueError saying why ``path`` is not a loadable Lightning checkpoint (weights-only load,
+    memory-mapped: cheap, and nothing in the file is executed)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} was refused: it holds Python objects other than tensors and plain containers, "
+                         f"which could run code when loaded (nothing was executed; {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # truncated, empty, not a zip/pickle
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'empty'})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"{path} holds no Lightning training state; official .pth files go through tools/convert.py "
+                         "and --model.init_args.init_from")
+
+
+def newest_loadable(folders: list[Path]) -> tuple[Path | None, list[str]]:
+    """The newest loadable ``.ckpt`` in ``folders`` (``last*`` first among equals) and why newer ones were skipped."""
+    found = sorted({p for d in folders if d.is_dir() for p in d.glob("*.ckpt") if p.is_file()},
+                   key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
+    problems = []
+    for p in found:
+        try:
+            check_checkpoint(p)
+            return p, problems
+        except ValueError as e:
+            problems.append(str(e))
+    return None, problems
+
+
+def ensure_writable(folder: str | Path, what: str) -> None:
+    """Create ``folder`` if needed and prove it writable now, before any work is done."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".arsr-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"{what} {folder} is not writable ({e.strerror or e}); choose another folder or fix its permissions") from None
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -47,24 +141,46 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str, strict: bool = True) -> None:
-    """load_state_dict with a message naming the first differing keys and shapes.
+def by_module(keys: list[str], depth: int = 2) -> str:
+    """'a.b.c', 'a.b.d', 'e.f' -> 'a.b (2 keys, first a.b.c), e.f (1 key)': key lists summarised by module."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        groups.setdefault(".".join(k.split(".")[:depth]) if k.count(".") >= depth else k.rsplit(".", 1)[0], []).append(k)
+    return ", ".join(f"{m} ({len(v)} key{'s' * (len(v) > 1)}, first {v[0]})" for m, v in groups.items())
 
-    A module may define ``adapt_state_dict(state)`` to accept a related layout (e.g. one
-    decoder's weights copied into each per-scale decoder).
+
+def strip_owner_prefix(state: dict[str, torch.Tensor], own: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Weights exported by a task hold its module names (``tokenizer.encoder...``); a file whose keys all
+    share one first component that the target module lacks is read without it."""
+    own = set(own)
+    heads = {k.split(".", 1)[0] for k in state}
+    if len(heads) == 1 and not own & set(state) and all("." in k for k in state):
+        stripped = {k.split(".", 1)[1]: v for k, v in state.items()}
+        if own & set(stripped):
+            return stripped
+    return state
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str, strict: bool = True) -> None:
+    """load_state_dict with a message naming the differing keys by module, and the shapes.
+
+    Accepts every export of arsr's tasks (a ``tokenizer.``-prefixed TokenizerFinetune export into
+    a bare tokenizer). A module may define ``adapt_state_dict(state)`` to accept a related layout
+    (e.g. one decoder's weights copied into each per-scale decoder).
     """
+    own = module.state_dict()
+    state = strip_owner_prefix(state, own)
     if hasattr(module, "adapt_state_dict"):
         state = module.adapt_state_dict(state)
-    own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shape = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
     if shape or (strict and (missing or unexpected)):
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} key(s), first: {missing[:3]}")
+            parts.append(f"missing {len(missing)} key(s): {by_module(missing)}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s), first: {unexpected[:3]}")
+            parts.append(f"unexpected {len(unexpected)} key(s): {by_module(unexpected)}")
         if shape:
             parts.append(f"shape mismatch, first: {shape[:3]}")
         raise ValueError(f"weights do not match {what} ({type(module).__name__}): " + "; ".join(parts))
@@ -87,9 +203,8 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 class SafetensorsCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also writes the LightningModule's weights as ``<name>.safetensors``.
 
-    Lightning writes ``.ckpt`` files atomically already (fsspec transaction: temp + rename);
-    the safetensors export uses :func:`atomic_save_safetensors` and holds full (unsharded)
-    weights also under FSDP2.
+    ``.ckpt`` files go through :class:`AtomicCheckpointIO` (``arsr`` installs it); the safetensors
+    export uses :func:`atomic_save_safetensors` and holds full (unsharded) weights also under FSDP2.
     """
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -18,6 +18,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from .samples import IMAGE_EXTENSIONS, BadSample, SampleStats, decode_rgb, encode_png
+from .stream import SHARD_INDEX, write_shard_index
 
 
 @dataclass
@@ -83,6 +84,7 @@ def pack_folder(
     labels = _read_labels(Path(labels_csv) if labels_csv else None)
     report = PackReport()
     pattern = str(out_dir / f"{prefix}-%06d.tar")
+    counts: list[int] = []
     with wds.ShardWriter(pattern, maxsize=max_shard_bytes, maxcount=max_shard_count, verbose=0) as sink:
         for path in tqdm(files, desc="packing", unit="img", disable=not progress):
             rel = path.relative_to(src)
@@ -108,6 +110,8 @@ def pack_folder(
                 "converted": converted,
             }
             sink.write({"__key__": f"{report.written:08d}", f"hr.{ext}": data, "json": json.dumps(meta).encode()})
+            counts[sink.shard - 1 :] = [sink.count]  # samples in the shard being written
             report.written += 1
         report.shards = [pattern % i for i in range(sink.shard)]
+    write_shard_index(report.shards, counts, out_dir / f"{prefix}-{SHARD_INDEX}")
     return report
