@@ -9,6 +9,8 @@ model the preset builds, and an atomic safetensors write. The YAML beside it is 
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,14 +53,35 @@ def _varsr(depth: int = 24) -> dict:
     return spec
 
 
-def _infinity_vae(bits: int = 32) -> dict:
+def _infinity_vae(bits: int = 32, stride8: bool = False) -> dict:
+    """Infinity's BSQ-VAE: base 128, no attention, no quant convs; stride 16 (ch_mult 1-2-4-4-4) or,
+    for Infinity-8B's 14-bit tokenizer, stride 8 (1-2-4-4) with 2x2 patchified 56-bit tokens."""
+    quant = {"dim": bits, "schedule": "1M"} | ({"patchify": True} if stride8 else {})
     return {
         "class_path": "arsr.nn.vae.VQVAE",
-        "init_args": {"ch": 128, "ch_mult": [1, 2, 4, 4, 4], "num_res_blocks": 2, "using_sa": False, "using_mid_sa": False,
-                      "quant_conv_ks": 0,
-                      "quantizer": {"class_path": "arsr.components.quantizers.MultiScaleBSQ",
-                                    "init_args": {"dim": bits, "patch_nums": PN_512}}},
+        "init_args": {"ch": 128, "ch_mult": [1, 2, 4, 4] if stride8 else [1, 2, 4, 4, 4], "num_res_blocks": 2,
+                      "using_sa": False, "using_mid_sa": False, "quant_conv_ks": 0,
+                      "quantizer": {"class_path": "arsr.components.quantizers.MultiScaleBSQ", "init_args": quant}},
     }
+
+
+# Infinity sizes (facts C.1): depth, width, heads, and the tokenizer's bits per token
+INFINITY_SIZES = {
+    "infinity_layer12": (12, 768, 8), "infinity_layer16": (16, 1152, 12), "infinity_layer24": (24, 1536, 16),
+    "infinity_layer32": (32, 2080, 20), "infinity_layer40": (40, 2688, 24), "infinity_layer48": (48, 3360, 28),
+    "infinity_2b": (32, 2048, 16), "infinity_8b": (40, 3584, 28),
+}
+
+
+def _infinity(size: str, token_dim: int = 32) -> dict:
+    depth, width, heads = INFINITY_SIZES[size]
+    return {"class_path": "arsr.nn.infinity.InfinityTransformer",
+            "init_args": {"depth": depth, "width": width, "heads": heads, "token_dim": token_dim, "text_channels": 2048, "text_maxlen": 512}}
+
+
+NSARM_MAP = {"class_path": "arsr.components.conditioning.NSARMTransformationNet",
+             "init_args": {"latent_dim": 14, "grid": 32, "sides": [2, 4, 8, 12, 16, 24, 32], "dims": [64, 128, 256, 384, 512, 768, 1024],
+                           "layers": [4, 6, 8, 10, 12, 14, 16], "heads": [4, 4, 8, 8, 8, 12, 16], "stem": [64, 128]}}
 
 
 def unwrap_infinity_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,6 +102,23 @@ def unwrap_infinity_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def infinity_transformer_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Official Infinity transformer names -> arsr's: ``block_chunks.{c}.module.{j}`` -> ``blocks.{i}``
+    (i = c * blocks per chunk + j), the head under ``head.``; derived buffers dropped."""
+    chunk = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.*)$")
+    per_chunk = 1 + max((int(m.group(2)) for k in state if (m := chunk.match(k))), default=0)
+    out = {}
+    for k, v in state.items():
+        if (m := chunk.match(k)) is not None:
+            k = f"blocks.{int(m.group(1)) * per_chunk + int(m.group(2))}.{m.group(3)}"
+        elif k.startswith("head_nm.") or k.startswith("head."):
+            k = "head." + k
+        elif k in ("lvl_1L", "attn_bias_for_masking") or k.startswith("rope2d_freqs_grid"):
+            continue
+        out[k] = v
+    return out
+
+
 # official key prefix -> arsr key prefix (first match wins); None drops derived buffers
 VAR_KEYS = (("pos_1LC", "pos_enc.pos_1LC"), ("head_nm.", "head.head_nm."), ("head.", "head.head."),
             ("lvl_1L", None), ("attn_bias_for_masking", None))
@@ -93,18 +133,22 @@ class Preset:
     resizable_buffers: tuple[str, ...] = ("quantize.ema_vocab_hit_SV",)  # depend on the schedule length
     key_map: tuple[tuple[str, str | None], ...] = ()  # official prefix -> arsr prefix
     adapt: object = None  # optional function applied to the official state dict first
-    refiner: dict | None = None  # a second module fed by the keys the map routes to "refiner."
     out_prefix: str = ""  # prefix of the written keys (what init_from expects)
+    parts: tuple[tuple[str, dict], ...] = ()  # further modules: (prefix the key map routes to, component)
 
+
+_VAE = dict(resizable_buffers=(), key_map=(("quantizer.", None), ("quantize.", None)), adapt=unwrap_infinity_keys, wrapped_keys=("vae",))
+_INF = dict(adapt=infinity_transformer_keys, out_prefix="transformer.", wrapped_keys=("trainer.gpt_fsdp", "gpt_fsdp", "state_dict"))
 
 PRESETS = {
     "var_vqvae": Preset("VAR VQVAE vae_ch160v4096z32.pth (256 px schedule)", _vqvae(PN_256)),
     "varsr_vqvae": Preset("VARSR VQVAE.pth (512 px schedule, no Phi at the last scale)",
                           _vqvae(PN_512, phi_at_last_scale=False), ("trainer.vae_local",)),
     "switti_rqvae": Preset("Switti / MSVAR RQ-VAE (VAR architecture, 512 px schedule)", _vqvae(PN_512)),
-    "infinity_vae_d32": Preset(
-        "Infinity BSQ-VAE infinity_vae_d32reg.pth (32 bits, 16x down, 512 px schedule)", _infinity_vae(32), ("vae",),
-        resizable_buffers=(), key_map=(("quantizer.", None), ("quantize.", None)), adapt=unwrap_infinity_keys),
+    **{f"infinity_vae_d{b}": Preset(f"Infinity BSQ-VAE infinity_vae_d{b}{'reg' if b == 32 else ''}.pth ({b} bits, 16x down)", _infinity_vae(b), **_VAE)
+       for b in (16, 24, 32, 64)},
+    "infinity_vae_d56": Preset("Infinity-8B BSQ-VAE infinity_vae_d56_f8_14_patchify.pth (14 bits, 8x down, 2x2 patchify: 56-bit tokens)",
+                               _infinity_vae(14, stride8=True), **_VAE),
     "var_d16": Preset("VAR transformer var_d16.pth", _var(16, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
     "var_d20": Preset("VAR transformer var_d20.pth", _var(20, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
     "var_d24": Preset("VAR transformer var_d24.pth", _var(24, PN_256), key_map=VAR_KEYS, out_prefix="transformer."),
@@ -114,8 +158,13 @@ PRESETS = {
     "varsr": Preset(
         "VARSR.pth (d24 SR transformer + LR encoder + diffusion refiner)", _varsr(24), ("trainer.var_wo_ddp",),
         key_map=(("decoder_norm.", "refiner.decoder_norm."), ("diffloss.", "refiner.diffloss.")) + VARSR_KEYS,
-        refiner={"class_path": "arsr.components.refiners.DiffusionRefiner", "init_args": {"latent_dim": 32, "cond_dim": 1536}},
+        parts=(("refiner.", {"class_path": "arsr.components.refiners.DiffusionRefiner", "init_args": {"latent_dim": 32, "cond_dim": 1536}}),),
         out_prefix="transformer."),
+    **{name: Preset(f"Infinity transformer {name} ({'infinity_2b_reg.pth' if name == 'infinity_2b' else 'official layout'}, d32 tokens)",
+                    _infinity(name), **_INF) for name in INFINITY_SIZES if name != "infinity_8b"},
+    "infinity_8b": Preset("Infinity-8B transformer (infinity_8b_weights/ sharded folder, 56-bit tokens)", _infinity("infinity_8b", 56), **_INF),
+    "nsarm": Preset("NSARM.pth (Infinity-8B fine-tuned + map_transformer transformation network)", _infinity("infinity_8b", 56),
+                    key_map=(("map_transformer.", "scale_predictor."),), parts=(("scale_predictor.", NSARM_MAP),), **_INF),
 }
 
 
@@ -138,14 +187,33 @@ def build(component: dict) -> nn.Module:
     return parser.instantiate_classes(parser.parse_object({"module": component})).module
 
 
-def read_official(path: str | Path, wrapped_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+def _load_one(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated files, non-tensor payloads
         raise ValueError(f"{path} could not be read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from None
+
+
+def read_official(path: str | Path, wrapped_keys: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A flat state dict from an official file, or from a sharded folder (``*.index.json`` naming
+    the shard of every key, as Infinity-8B's ``infinity_8b_weights/``)."""
+    path = Path(path)
+    if path.is_dir():
+        index = sorted(path.glob("*.index.json"))
+        if not index:
+            raise FileNotFoundError(f"{path} is a folder without a *.index.json (a sharded checkpoint names its shards there)")
+        shards = sorted(set(json.loads(index[0].read_text())["weight_map"].values()))
+        obj = {}
+        for shard in shards:
+            obj |= _load_one(path / shard)
+    elif path.is_file():
+        obj = _load_one(path)
+    else:
+        raise FileNotFoundError(f"checkpoint {path} not found")
     for dotted in wrapped_keys:
         node = obj
         for part in dotted.split("."):
@@ -187,13 +255,13 @@ def convert(src: str | Path, preset: str, out: str | Path) -> Path:
     p = PRESETS[preset]
     state = read_official(src, p.wrapped_keys)
     state = map_keys(p.adapt(state) if p.adapt else state, p.key_map)
-    refiner_state = {k[len("refiner."):]: state.pop(k) for k in list(state) if k.startswith("refiner.")}
-    state = {p.out_prefix + k: v for k, v in check_against(state, build(p.component), preset, p).items()}
-    if p.refiner is not None:
-        state |= {"refiner." + k: v for k, v in check_against(refiner_state, build(p.refiner), preset, p).items()}
+    routed = {prefix: {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)} for prefix, _ in p.parts}
+    written = {p.out_prefix + k: v for k, v in check_against(state, build(p.component), preset, p).items()}
+    for prefix, component in p.parts:
+        written |= {prefix + k: v for k, v in check_against(routed[prefix], build(component), preset, p).items()}
     out = Path(out).with_suffix(".safetensors")
-    atomic_save_safetensors(state, out, {"arsr_preset": preset, "source": Path(src).name})
-    blocks = {"transformer" if p.out_prefix else "tokenizer": p.component} | ({"refiner": p.refiner} if p.refiner else {})
+    atomic_save_safetensors(written, out, {"arsr_preset": preset, "source": Path(src).name})
+    blocks = {"transformer" if p.out_prefix else "tokenizer": p.component} | {prefix.rstrip("."): c for prefix, c in p.parts}
     out.with_suffix(".yaml").write_text(
         f"# arsr components for {out.name} (converted from {Path(src).name}, preset {preset})\n" + yaml.safe_dump(blocks, sort_keys=False)
     )

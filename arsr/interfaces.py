@@ -65,21 +65,75 @@ class QuantOutput:
         return self.f_hats[-1]
 
 
+@dataclass
+class TeacherForcing:
+    """Targets of a teacher-forced step.
+
+    tokens:    per scale, the labels (B, h_k * w_k) indices or (B, h_k * w_k, bits)
+    inputs:    teacher-forcing inputs of scales 2..K, (B, L - first, token_dim)
+    residuals: per scale, the continuous residuals the labels quantise (when the quantizer has them)
+    """
+
+    tokens: list[Tensor]
+    inputs: Tensor
+    residuals: list[Tensor] = field(default_factory=list)
+
+
 class Quantizer(nn.Module, ABC):
     """A next-scale (multi-scale residual) quantizer of a continuous latent ``f``.
 
     Attributes:
         dim: latent channels C.
-        patch_nums: side of the token map at each scale, smallest first.
+        schedule: (h, w) of the token map at each scale, smallest first (transformer space).
+    Derived (overridable): ``patch_nums`` (sides of square schedules), ``vae_schedule`` (map sizes in
+    the latent, equal to ``schedule`` unless tokens are patchified), ``token_dim`` (width of a token's
+    code / teacher input, ``dim`` unless patchified).
     """
 
     dim: int
-    patch_nums: tuple[int, ...]
+
+    @property
+    def schedule(self) -> tuple[tuple[int, int], ...]:
+        sched = self.__dict__.get("_schedule")
+        if sched is None:
+            raise AttributeError(f"{type(self).__name__} has no schedule")
+        return sched
+
+    @schedule.setter
+    def schedule(self, value) -> None:
+        self.__dict__["_schedule"] = tuple(value)
+
+    @property
+    def patch_nums(self) -> tuple[int, ...]:
+        sched = self.schedule
+        if any(h != w for h, w in sched):
+            raise ValueError(f"schedule {sched} is not square; this path needs square token maps")
+        return tuple(h for h, _ in sched)
+
+    @patch_nums.setter
+    def patch_nums(self, value) -> None:
+        self.__dict__["_schedule"] = tuple((p, p) for p in value)
+
+    @property
+    def vae_schedule(self) -> tuple[tuple[int, int], ...]:
+        return self.__dict__.get("_vae_schedule", self.schedule)
+
+    @vae_schedule.setter
+    def vae_schedule(self, value) -> None:
+        self.__dict__["_vae_schedule"] = tuple(value)
+
+    @property
+    def token_dim(self) -> int:
+        return self.__dict__.get("_token_dim", self.dim)
+
+    @token_dim.setter
+    def token_dim(self, value: int) -> None:
+        self.__dict__["_token_dim"] = value
 
     @property
     def output_steps(self) -> tuple[int, ...]:
         """Number of leading scales that decode to each output image (one output by default)."""
-        return (len(self.patch_nums),)
+        return (len(self.schedule),)
 
     @abstractmethod
     def forward(self, f: Tensor) -> QuantOutput:
@@ -95,20 +149,29 @@ class Quantizer(nn.Module, ABC):
 
     @abstractmethod
     def codes(self, tokens: Tensor, si: int) -> Tensor:
-        """Tokens of scale si -> their code vectors (B, C, pn, pn)."""
+        """Tokens of scale si -> their code vectors (B, C, h_si, w_si) in latent space."""
 
     @abstractmethod
     def step_input(self, tokens: list[Tensor]) -> Tensor:
-        """Input of scale k = len(tokens) given the tokens of scales 1..k: (B, pn_k^2, C)."""
+        """Input of scale k = len(tokens) given the tokens of scales 1..k: (B, h_k * w_k, token_dim)."""
 
-    def substitute(self, f: Tensor, codes: list[Tensor]) -> tuple[list[Tensor], Tensor]:
-        """NSARM Algorithm 2: replace the first scales by ``codes`` and re-derive the tokens and
-        teacher-forcing inputs of every scale. Quantizers that support it override this."""
-        raise NotImplementedError(f"{type(self).__name__} does not support substituted scales (NSARM); use MultiScaleBSQ")
+    def residual_to_tokens(self, residual: Tensor, si: int) -> Tensor:
+        """Quantise a continuous residual (B, C, h_si, w_si) into scale si's tokens (NSARM's forced scales)."""
+        raise ValueError(f"{type(self).__name__} cannot quantise substituted residuals (NSARM); use MultiScaleBSQ")
 
     def indices_to_teacher_input(self, indices: list[Tensor]) -> Tensor:
         """Teacher-forcing inputs of scales 2..K: (B, L - first, C), from the tokens of scales 1..K-1."""
-        return torch.cat([self.step_input(indices[:k]) for k in range(1, len(self.patch_nums))], dim=1)
+        return torch.cat([self.step_input(indices[:k]) for k in range(1, len(self.schedule))], dim=1)
+
+    def teacher(self, f: Tensor, substituted: list[Tensor] = (), corrupt: bool = False) -> TeacherForcing:
+        """Labels and teacher-forcing inputs of the latent f. ``substituted``: residuals of the first
+        scales from elsewhere (NSARM Algorithm 2); ``corrupt``: apply the training-time corruption
+        the quantizer is configured with (bitwise self-correction), none by default."""
+        if len(substituted):
+            raise ValueError(f"{type(self).__name__} does not support substituted scales (NSARM); use MultiScaleBSQ")
+        with torch.no_grad():
+            tokens = self.f_to_indices(f)
+            return TeacherForcing(tokens, self.indices_to_teacher_input(tokens))
 
 
 @dataclass(frozen=True)
@@ -219,16 +282,24 @@ class Head(nn.Module, ABC):
 
 
 class ScalePredictor(nn.Module, ABC):
-    """Predicts the first scales of the residual pyramid from the LR image (NSARM's transformation network)."""
+    """Predicts the first scales of the residual pyramid from the LR image (NSARM's transformation network).
+
+    ``bind`` receives the latent width and the (h, w) latent-space sizes of the scales it predicts;
+    ``attach_tokenizer`` the frozen tokenizer (for networks that read its encoder's features).
+    """
 
     num_scales: int
 
     @abstractmethod
-    def bind(self, latent_dim: int, patch_nums: tuple[int, ...]) -> None: ...
+    def bind(self, latent_dim: int, sides: tuple[tuple[int, int], ...]) -> None: ...
+
+    def attach_tokenizer(self, tokenizer: nn.Module) -> None:
+        """Called by the task with its frozen tokenizer."""
 
     @abstractmethod
-    def forward(self, lr_up: Tensor) -> list[Tensor]:
-        """lr_up (B, 3, H, W) in [-1, 1] -> codes of scales 1..num_scales, each (B, d, pn, pn)."""
+    def forward(self, lr: Tensor) -> list[Tensor]:
+        """lr (B, 3, h, w) in [-1, 1] at the LR size -> continuous residuals of scales 1..num_scales,
+        each (B, d, h_k, w_k) in latent space."""
 
 
 class Labels(ABC):

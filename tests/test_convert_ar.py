@@ -50,7 +50,7 @@ def test_varsr_layout_routes_refiner_and_lr_encoder(tmp_path, monkeypatch):
     spec["init_args"]["pos_enc"] = {"class_path": "arsr.components.posenc.SARoPE"}
     ref = {"class_path": "arsr.components.refiners.DiffusionRefiner", "init_args": {"latent_dim": 32, "cond_dim": 128, "width": 16, "depth": 1}}
     p = conv.PRESETS["varsr"]
-    monkeypatch.setitem(conv.PRESETS, "tiny_varsr", Preset("tiny VARSR", spec, p.wrapped_keys, key_map=p.key_map, refiner=ref, out_prefix="transformer."))
+    monkeypatch.setitem(conv.PRESETS, "tiny_varsr", Preset("tiny VARSR", spec, p.wrapped_keys, key_map=p.key_map, parts=(("refiner.", ref),), out_prefix="transformer."))
     model, refiner = build(spec), build(ref)
     assert "pos_enc.pos_1LC" not in model.state_dict()  # SA-RoPE has no table
     off = official_from(model.state_dict(), 21 + 16) | {k: v.clone() for k, v in refiner.state_dict().items()}

@@ -14,6 +14,7 @@ positions of scale k's tokens predict scale k (the start tokens predict scale 1)
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from arsr.interfaces import Conditioning, Head, Layout, PositionalEncoding, Quantizer, TextConditioning
+from arsr.sampling import StepState, sample_scales
 
 
 def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
@@ -79,10 +81,11 @@ class CrossAttention(nn.Module):
 
 
 class FFN(nn.Module):
-    def __init__(self, width: int, ratio: float = 4.0):
+    def __init__(self, width: int, ratio: float = 4.0, hidden: int | None = None):
         super().__init__()
-        self.fc1 = nn.Linear(width, round(width * ratio))
-        self.fc2 = nn.Linear(round(width * ratio), width)
+        hidden = hidden or round(width * ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -193,6 +196,11 @@ class NextScaleTransformer(nn.Module):
         head.bind(width, width)
         self.init_weights(init_adaln, init_adaln_gamma, init_head)
 
+    def bind(self, quantizer: Quantizer) -> None:
+        """Check that the tokenizer's schedule is the one this transformer was built for."""
+        if tuple(self.layout.patch_nums) != tuple(quantizer.patch_nums):
+            raise ValueError(f"transformer patch_nums {self.layout.patch_nums} != tokenizer's {quantizer.patch_nums}")
+
     # -- initialisation (VAR's recipe) ------------------------------------------------------
     @torch.no_grad()
     def init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float) -> None:
@@ -281,7 +289,54 @@ class NextScaleTransformer(nn.Module):
         logits = self.head(h, cond)
         return (logits, h) if return_hidden else logits
 
-    # -- sampling ---------------------------------------------------------------------------
+    # -- sampling (arsr.sampling's backbone protocol) -------------------------------------------
+    def begin(self, batch_size: int, guided: bool, label: Tensor, prefix_input: Tensor | None = None,
+              neg_label: int | None = None, captions: list[str] | None = None) -> StepState:
+        """Condition of a sampling run; guidance doubles the batch with ``neg_label`` (default the
+        null class), the same LR prefix and the empty prompt."""
+        B = batch_size
+        if guided:
+            neg = self.null_class if neg_label is None else neg_label
+            label = torch.cat([label, torch.full_like(label, neg if neg is not None else 0)])
+            prefix_input = None if prefix_input is None else torch.cat([prefix_input, prefix_input])
+            captions = None if captions is None else list(captions) + [""] * B
+        cond, text = self.condition(label, captions)
+        prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
+        return StepState(cond=cond, extra={"text": text, "first": self.first_block(cond, prefix), "seq": []})
+
+    def start_tokens(self, state: StepState) -> Tensor:
+        return state.extra["first"]
+
+    def embed(self, inputs: Tensor) -> Tensor:
+        return self.word_embed(inputs.to(self.word_embed.weight.dtype))
+
+    def guidance(self, cfg: float, si: int, num_scales: int) -> float:
+        """VAR's CFG: (1 + t) cond - t uncond with t rising linearly from 0 (scale 1) to cfg (last)."""
+        return cfg * si / max(num_scales - 1, 1)
+
+    def step(self, x: Tensor, si: int, state: StepState) -> Tensor:
+        """Hidden states of scale si: through the KV cache, or (cache off) by recomputing the whole
+        sequence so far under the block-causal mask."""
+        pos = 0 if si == 0 else self.layout.first_len + sum(p * p for p in self.layout.patch_nums[1:si])
+        x = self._add_position(x, pos)
+        n = self.layout.patch_nums[si] ** 2
+        if self.blocks[0].attn.cache is not None:
+            return self.run_blocks(x, state.cond, pos, None, state.extra["text"])[:, -n:]
+        state.extra["seq"].append(x)
+        x_all = torch.cat(state.extra["seq"], dim=1)
+        L = x_all.shape[1]
+        return self.run_blocks(x_all, state.cond, 0, self.mask(x.device)[:L, :L].to(x.dtype), state.extra["text"])[:, -n:]
+
+    @contextmanager
+    def kv_cache(self):
+        for block in self.blocks:
+            block.attn.cache = {}
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                block.attn.cache = None
+
     @torch.no_grad()
     def generate(
         self,
@@ -299,50 +354,10 @@ class NextScaleTransformer(nn.Module):
         forced: list[Tensor] | None = None,
         captions: list[str] | None = None,
     ):
-        """Sample every scale's tokens. CFG (cfg > 0) doubles the batch with ``neg_label`` and uses
-        guided = (1 + t) cond - t uncond with t rising linearly from 0 at scale 1 to cfg at scale K.
-        ``forced`` gives the tokens of the first scales instead of sampling them (NSARM); with a
-        text encoder, the negative branch uses the empty prompt."""
-        forced = forced or []
-        K, B = len(self.layout.patch_nums), label.shape[0]
-        guided = cfg > 0
-        if guided:
-            neg = self.null_class if neg_label is None else neg_label
-            label = torch.cat([label, torch.full_like(label, neg if neg is not None else 0)])
-            prefix_input = None if prefix_input is None else torch.cat([prefix_input, prefix_input])
-            captions = None if captions is None else list(captions) + [""] * B
-        was_training = self.training
-        self.eval()
-        cond, text = self.condition(label, captions)
-        prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
-        first = self.first_block(cond, prefix)
-        tokens: list[Tensor] = []
-        last_hidden = None
-        for block in self.blocks:
-            block.attn.cache = {} if use_cache else None
-        try:
-            pos, x_all = 0, None
-            for si, pn in enumerate(self.layout.patch_nums):
-                x = first if si == 0 else self.word_embed(quantizer.step_input([t[:B] for t in tokens]).to(first.dtype)).repeat(1 + guided, 1, 1)
-                x = self._add_position(x, pos)
-                if use_cache:
-                    h = self.run_blocks(x, cond, pos, None, text)
-                else:  # recompute the whole prefix of the sequence under the block-causal mask
-                    x_all = x if x_all is None else torch.cat([x_all, x], dim=1)
-                    n = x_all.shape[1]
-                    h = self.run_blocks(x_all, cond, 0, self.mask(x.device)[:n, :n].to(x.dtype), text)
-                h = h[:, -pn * pn :]
-                logits = self.head(h, cond)
-                if guided:
-                    t = cfg * si / max(K - 1, 1)
-                    logits = (1 + t) * logits[:B] - t * logits[B:]
-                tok = forced[si] if si < len(forced) else self.head.sample(logits, top_k, top_p, temperature, generator)
-                tokens.append(torch.cat([tok, tok]) if guided else tok)
-                pos += x.shape[1]
-                last_hidden = h
-        finally:
-            for block in self.blocks:
-                block.attn.cache = None
-            self.train(was_training)
-        tokens = [t[:B] for t in tokens]
-        return (tokens, last_hidden, cond) if return_hidden else tokens
+        """Sample every scale's tokens (see :func:`arsr.sampling.sample_scales`). CFG (cfg > 0) uses
+        guided = (1 + t) cond - t uncond with t rising linearly from 0 at scale 1 to cfg at scale K;
+        ``forced`` gives the tokens of the first scales instead of sampling them."""
+        out = sample_scales(self, quantizer, label.shape[0], cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
+                            generator=generator, forced=forced, use_cache=use_cache, label=label, prefix_input=prefix_input,
+                            neg_label=neg_label, captions=captions)
+        return (out.tokens, out.hidden, out.cond) if return_hidden else out.tokens

@@ -15,7 +15,10 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 from arsr.checkpoint import load_into, load_weights
 from arsr.interfaces import ARContext, Labels, Refiner, Regularizer, ScalePredictor
 from arsr.metrics import psnr, ssim
+from arsr.nn.infinity import InfinityTransformer
 from arsr.nn.transformer import NextScaleTransformer
+from arsr.postprocess import PostProcess
+from arsr.sampling import sample_scales
 from arsr.nn.vae import VQVAE
 from arsr.predict import tiled_fhat
 
@@ -68,36 +71,40 @@ class _TokenizerTask(ARSRTask):
 
     @staticmethod
     def images(batch: dict) -> tuple[Tensor, Tensor]:
-        return batch["hr"] * 2 - 1, batch["lr_up"] * 2 - 1
+        """-> HR and LR (at its own size) in [-1, 1]."""
+        return batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
 
 
 class TransformAlign(_TokenizerTask):
-    """NSARM stage 1: train the transformation network to predict the first scales' codes of the
-    HR residual pyramid from the LR image (MSE); tokenizer (and transformer) frozen.
+    """NSARM stage 1: train the transformation network to predict the first scales of the HR image's
+    residual pyramid (NSARM Algorithm 1) from the LR image, with MSE in latent space; the
+    tokenizer is frozen and the transformer is not involved.
 
     Args:
         scale_predictor: the transformation network.
         tokenizer: the (BSQ) tokenizer whose pyramid is the target.
         tokenizer_from: its safetensors weights.
+        target: ``residual`` (the continuous residuals r_k, arsr's default) or ``code`` (their BSQ
+            codes q_k); NSARM's released helpers build both, its loss is not public.
     """
 
     def __init__(self, scale_predictor: ScalePredictor, tokenizer: VQVAE, tokenizer_from: str | None = None,
+                 target: Literal["residual", "code"] = "residual",
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
                  init_from: str | None = None, image_log_every: int = 500):
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        scale_predictor.bind(tokenizer.quantize.dim, tokenizer.quantize.patch_nums)
-        self.scale_predictor = scale_predictor
+        self.scale_predictor, self.target = bind_predictor(scale_predictor, self.tokenizer), target
 
     def targets(self, hr: Tensor) -> list[Tensor]:
         with torch.no_grad():
-            tokens = self.tokenizer.img_to_indices(hr)
-            return [self.quantizer.codes(tokens[i], i) for i in range(self.scale_predictor.num_scales)]
+            pyramid = self.quantizer.decompose(self.tokenizer.encode(hr))
+        return (pyramid.residuals if self.target == "residual" else pyramid.codes)[: self.scale_predictor.num_scales]
 
     def step(self, batch: dict, stage: str) -> Tensor:
-        hr, lr_up = self.images(batch)
-        pred = self.scale_predictor(lr_up)
-        per_scale = [F.mse_loss(p, t) for p, t in zip(pred, self.targets(hr))]
+        hr, lr = self.images(batch)
+        pred = self.scale_predictor(lr)
+        per_scale = [F.mse_loss(p.float(), t) for p, t in zip(pred, self.targets(hr))]
         loss = torch.stack(per_scale).mean()
         bs = hr.shape[0]
         self.log_dict({f"{stage}/mse_scale{i + 1}": l for i, l in enumerate(per_scale)}, batch_size=bs)
@@ -112,44 +119,69 @@ class TransformAlign(_TokenizerTask):
         self.step(batch, "val")
 
 
+def bind_predictor(predictor: ScalePredictor, tokenizer: VQVAE) -> ScalePredictor:
+    """Size a transformation network from the tokenizer: latent width, latent-space map sizes."""
+    q = tokenizer.quantize
+    if predictor.num_scales >= len(q.vae_schedule):
+        raise ValueError(f"the transformation network predicts {predictor.num_scales} scales of a {len(q.vae_schedule)}-scale schedule: "
+                         "leave at least one scale to the transformer")
+    predictor.bind(q.dim, q.vae_schedule[: predictor.num_scales])
+    predictor.attach_tokenizer(tokenizer)
+    return predictor
+
+
 class ARFinetune(_TokenizerTask):
-    """Teacher-forced next-scale training of the transformer on tokens of the frozen tokenizer.
+    """Teacher-forced next-scale training of a backbone on tokens of the frozen tokenizer.
 
     Args:
-        transformer: the next-scale transformer (with its positional encoding, conditioning, head).
-        tokenizer: frozen tokenizer giving the target tokens (VQ indices or BSQ bits).
-        labels: label policy (quality CFG, degradation classes, constant).
+        transformer: the backbone: VAR-family (:class:`NextScaleTransformer`, with its positional
+            encoding, conditioning and head) or Infinity (:class:`InfinityTransformer`, captions).
+        tokenizer: frozen tokenizer giving the target tokens (VQ indices or BSQ bits); its schedule
+            is the schedule of everything else.
+        labels: label policy (quality CFG, degradation classes, constant); None: label 0 and no
+            label-based guidance (Infinity / NSARM guide with the null caption).
         regularizer: optional extra loss (e.g. DPO).
         refiner: optional diffusion refiner of the last scale's residual.
-        scale_predictor: NSARM stage 2: a transformation network whose predictions replace the
-            first scales; later scales' inputs and labels are re-derived from them (Algorithm 2)
-            and only they are trained on.
+        scale_predictor: NSARM: a transformation network whose predicted residuals replace the
+            first scales; they are BSQ-quantised, later scales' inputs and labels are re-derived
+            from them (Algorithm 2) and the loss reaches the network through those inputs.
+        postprocess: applied to every SR output at inference (e.g. NSARM's colour fix).
         tokenizer_from: safetensors weights of the tokenizer.
         init_from: safetensors weights of everything else (transformer, refiner, scale predictor).
+        scale_weighting: ``uniform`` (mean over trained tokens) or ``sqrt_area`` (Infinity's
+            reweight_loss_by_scale: the tokens of scale k weigh 1/sqrt(h_k w_k), normalised).
+        ce_on_substituted: also train the backbone on the substituted scales' bits (arsr default:
+            no; they are given at inference).
         sample_top_k, sample_top_p, sample_cfg, sample_temperature, seed: sampling settings for
-            validation, ``arsr predict`` and ``arsr test`` (sample_cfg None: the label policy's cfg).
+            validation, ``arsr predict`` and ``arsr test`` (sample_cfg None: the label policy's
+            cfg, or no guidance without labels). The meaning of cfg is the backbone's: VAR's
+            strength rising over scales (0 = off), Infinity's cfg * cond + (1 - cfg) * uncond (1 = off).
         activation_checkpointing: wrap every block under FSDP2 (ModelParallelStrategy).
         scale, upsample_mode: SR factor and how the LR image is resized to the HR size at inference.
         tile_overlap, tile_batch: latent-space tiling for inputs of any size (overlap in latent
             cells; tiles per forward).
         init_strict: False loads only the tensors of ``init_from`` whose names and shapes match.
-        prompt: with a text encoder in the transformer, a fixed prompt for every image (NSARM);
-            None uses each sample's caption (shards' captions; ``<name>.txt`` beside predict inputs).
+        prompt: with a text encoder in the transformer, a fixed prompt for every image (NSARM's
+            "Fixed" ablation); None uses each sample's caption (shards' captions; ``<name>.txt``
+            beside predict inputs).
     """
 
     def __init__(
         self,
-        transformer: NextScaleTransformer,
+        transformer: NextScaleTransformer | InfinityTransformer,
         tokenizer: VQVAE,
-        labels: Labels,
+        labels: Labels | None = None,
         regularizer: Regularizer | None = None,
         refiner: Refiner | None = None,
         scale_predictor: ScalePredictor | None = None,
+        postprocess: PostProcess | None = None,
         tokenizer_from: str | None = None,
         optimizer: OptimizerCallable = adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
         init_from: str | None = None,
         image_log_every: int = 500,
+        scale_weighting: Literal["uniform", "sqrt_area"] = "uniform",
+        ce_on_substituted: bool = False,
         sample_top_k: int = 1,
         sample_top_p: float = 0.0,
         val_samples: int = 4,
@@ -166,31 +198,47 @@ class ARFinetune(_TokenizerTask):
     ):
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        if tuple(transformer.layout.patch_nums) != tuple(tokenizer.quantize.patch_nums):
-            raise ValueError(f"transformer patch_nums {transformer.layout.patch_nums} != tokenizer's {tokenizer.quantize.patch_nums}")
+        transformer.bind(tokenizer.quantize)
         self.transformer, self.labels, self.regularizer, self.refiner = transformer, labels, regularizer, refiner
-        if scale_predictor is not None:
-            scale_predictor.bind(tokenizer.quantize.dim, tokenizer.quantize.patch_nums)
-        self.scale_predictor = scale_predictor
-        if transformer.conditioning is not None:
+        self.scale_predictor = None if scale_predictor is None else bind_predictor(scale_predictor, self.tokenizer)
+        self.postprocess = postprocess
+        if getattr(transformer, "conditioning", None) is not None:
             transformer.conditioning.attach_tokenizer(self.tokenizer)
+        self.scale_weighting, self.ce_on_substituted = scale_weighting, ce_on_substituted
         self.sample_top_k, self.sample_top_p, self.val_samples = sample_top_k, sample_top_p, val_samples
         self.activation_checkpointing = activation_checkpointing
         self.init_strict, self.prompt = init_strict, prompt
         self.scale, self.upsample_mode, self.sample_cfg = scale, upsample_mode, sample_cfg
         self.sample_temperature, self.seed, self.tile_overlap, self.tile_batch = sample_temperature, seed, tile_overlap, tile_batch
-        pns = tokenizer.quantize.patch_nums
-        self.scale_bounds = torch.tensor([0] + [p * p for p in pns]).cumsum(0).tolist()
+        sched = tokenizer.quantize.schedule
+        self.scale_bounds = [0] + torch.tensor([h * w for h, w in sched]).cumsum(0).tolist()
+        self.register_buffer("token_weights", self.weights_by_scale(sched), persistent=False)
+
+    def weights_by_scale(self, schedule) -> Tensor:
+        """(L,) weight of each token in the loss, summing to 1 over the trained positions."""
+        mask = torch.ones(self.scale_bounds[-1], dtype=torch.bool)
+        if self.scale_predictor is not None and not self.ce_on_substituted:
+            mask[: self.scale_bounds[self.scale_predictor.num_scales]] = False  # substituted scales are given, not predicted
+        per_scale = [torch.full((h * w,), 1.0 if self.scale_weighting == "uniform" else (h * w) ** -0.5) for h, w in schedule]
+        w = torch.cat(per_scale) * mask
+        return w / w.sum()
+
+    @property
+    def loss_mask(self) -> Tensor:
+        return self.token_weights > 0
 
     def captions(self, batch: dict, n: int) -> list[str] | None:
         """The prompts a text-conditioned transformer sees: the fixed prompt, else the batch's captions."""
-        if self.transformer.text is None:
+        if getattr(self.transformer, "text", None) is None:
             return None
         if self.prompt is not None:
             return [self.prompt] * n
         caps = batch.get("caption")
         caps = [caps] if isinstance(caps, str) else caps
         return list(caps) if caps is not None else [""] * n
+
+    def batch_labels(self, batch: dict, n: int) -> Tensor:
+        return self.labels(batch) if self.labels is not None else torch.zeros(n, dtype=torch.long, device=self.device)
 
     def configure_model(self) -> None:
         """FSDP2 under Lightning's ModelParallelStrategy: activation checkpointing (optional) and
@@ -213,21 +261,18 @@ class ARFinetune(_TokenizerTask):
                 fully_shard(part, mesh=dp)
         self._sharded = True
 
-    def targets(self, hr: Tensor, lr_up: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
-        """-> tokens per scale, teacher-forcing inputs, latent f, and the (L,) mask of trained positions."""
+    def targets(self, hr: Tensor, lr: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """-> tokens per scale, teacher-forcing inputs, latent f. With a scale predictor (NSARM
+        stage 2) its residuals replace the first scales (Algorithm 2) and stay in the graph."""
         with torch.no_grad():
             f = self.tokenizer.encode(hr)
-        L = self.scale_bounds[-1]
-        mask = torch.ones(L, dtype=torch.bool, device=hr.device)
-        if self.scale_predictor is None:
-            with torch.no_grad():
-                tokens = self.quantizer.f_to_indices(f)
-                inputs = self.quantizer.indices_to_teacher_input(tokens)
-            return tokens, inputs, f, mask
-        pred = self.scale_predictor(lr_up)  # stage 2 fine-tunes it through the teacher-forcing inputs
-        tokens, inputs = self.quantizer.substitute(f, pred)
-        mask[: self.scale_bounds[len(pred)]] = False  # substituted scales are given, not predicted
-        return tokens, inputs, f, mask
+        substituted = self.scale_predictor(lr) if self.scale_predictor is not None else []
+        tf = self.quantizer.teacher(f, substituted, corrupt=self.training)
+        return tf.tokens, tf.inputs, f
+
+    def token_loss(self, logits: Tensor, tokens: list[Tensor]) -> Tensor:
+        """Weighted per-token loss, summed over the sequence, mean over the batch."""
+        return (self.transformer.head.token_loss(logits, torch.cat(tokens, dim=1)) * self.token_weights).sum(1).mean()
 
     def refiner_loss(self, h: Tensor, logits: Tensor, tokens: list[Tensor], f: Tensor) -> Tensor:
         """Refine the last scale: target = what remains of f after scales 1..K-1 and the model's own last token."""
@@ -242,20 +287,20 @@ class ARFinetune(_TokenizerTask):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         self.log_data_stats(batch)
-        hr, lr_up = self.images(batch)
-        tokens, inputs, f, mask = self.targets(hr, lr_up)
-        labels, captions = self.labels(batch), self.captions(batch, hr.shape[0])
+        hr, lr = self.images(batch)
+        lr_up = batch["lr_up"] * 2 - 1
+        tokens, inputs, f = self.targets(hr, lr)
+        labels, captions = self.batch_labels(batch, hr.shape[0]), self.captions(batch, hr.shape[0])
         logits, h = self.transformer(labels, inputs, lr_up, return_hidden=True, captions=captions)
-        flat = torch.cat(tokens, dim=1)
-        ce = self.transformer.head.token_loss(logits, flat)[:, mask].mean()
-        terms = {"ce": ce}
+        terms = {"ce": self.token_loss(logits, tokens)}
+        mask = self.loss_mask
         if self.regularizer is not None:
             terms |= self.regularizer(ARContext(self.transformer, self.tokenizer, batch, labels, lr_up, tokens, logits, mask, captions))
         if self.refiner is not None:
             terms["refiner"] = self.refiner_loss(h, logits, tokens, f)
         loss = sum(terms.values())
         bs = hr.shape[0]
-        acc = self.transformer.head.accuracy(logits.detach(), flat)[:, mask].mean()
+        acc = self.transformer.head.accuracy(logits.detach(), torch.cat(tokens, dim=1))[:, mask].mean()
         logs = {f"train/{k}": v for k, v in terms.items()} | {"train/acc": acc}
         if self.regularizer is not None:
             logs |= {f"train/{k}": v for k, v in self.regularizer.logs.items()}
@@ -264,42 +309,60 @@ class ARFinetune(_TokenizerTask):
         return loss
 
     # -- super-resolution ----------------------------------------------------------------------
+    def default_cfg(self) -> float | None:
+        if self.sample_cfg is not None:
+            return self.sample_cfg
+        return self.labels.cfg if self.labels is not None else None
+
     @torch.no_grad()
     def sample_tokens(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True,
-                      captions: list[str] | None = None, **overrides):
-        """lr_up (B, 3, H, W) in [-1, 1] at the model's native size -> (tokens, f_hat incl. the refiner's residual)."""
+                      captions: list[str] | None = None, lr: Tensor | None = None, **overrides):
+        """lr_up (B, 3, H, W) in [-1, 1] at the model's native size (and the LR itself, for a scale
+        predictor; default: lr_up area-downsampled by ``scale``) -> (tokens, f_hat incl. the refiner's residual)."""
         B = lr_up.shape[0]
         captions = self.captions({"caption": captions} if captions is not None else {}, B)
-        cfg = overrides.get("cfg", self.labels.cfg if self.sample_cfg is None else self.sample_cfg)
+        cfg = overrides.get("cfg", self.default_cfg())
         forced = None
         if self.scale_predictor is not None:  # NSARM: the first scales come from the LR image
-            forced = [rearrange(c > 0, "b d h w -> b (h w) d").long() for c in self.scale_predictor(lr_up)]
-        tokens, h_last, _ = self.transformer.generate(
-            self.quantizer, self.labels.inference(B, lr_up.device), lr_up, cfg=cfg, neg_label=self.labels.neg_label,
-            top_k=overrides.get("top_k", self.sample_top_k), top_p=overrides.get("top_p", self.sample_top_p),
-            temperature=overrides.get("temperature", self.sample_temperature), generator=generator, use_cache=use_cache,
-            return_hidden=True, forced=forced, captions=captions)
+            lr = F.interpolate(lr_up, scale_factor=1 / self.scale, mode="area") if lr is None else lr
+            forced = [self.quantizer.residual_to_tokens(r, si) for si, r in enumerate(self.scale_predictor(lr))]
+        out = sample_scales(
+            self.transformer, self.quantizer, B, cfg=cfg, top_k=overrides.get("top_k", self.sample_top_k),
+            top_p=overrides.get("top_p", self.sample_top_p), temperature=overrides.get("temperature", self.sample_temperature),
+            generator=generator, forced=forced, use_cache=use_cache, label=self.labels.inference(B, lr_up.device) if self.labels else
+            torch.zeros(B, dtype=torch.long, device=lr_up.device), prefix_input=lr_up,
+            neg_label=self.labels.neg_label if self.labels else None, captions=captions)
+        tokens = out.tokens
         f_hat = self.quantizer.indices_to_fhat(tokens)
         if self.refiner is not None:
+            guided = out.hidden.shape[0] > B
             code = self.quantizer.codes(tokens[-1], len(tokens) - 1)
             code_embed = self.transformer.word_embed(rearrange(code, "b d h w -> b (h w) d"))
-            code_embed = torch.cat([code_embed, code_embed]) if cfg > 0 else code_embed
-            res = self.refiner.sample(h_last, code_embed, cfg=cfg, generator=generator)
+            code_embed = torch.cat([code_embed, code_embed]) if guided else code_embed
+            res = self.refiner.sample(out.hidden, code_embed, cfg=cfg if guided else 0.0, generator=generator)
             f_hat = f_hat + rearrange(res, "b (h w) d -> b d h w", h=f_hat.shape[-2])
         return tokens, f_hat
 
     @torch.no_grad()
     def super_resolve(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True,
-                      captions: list[str] | None = None, **overrides) -> list[Tensor]:
+                      captions: list[str] | None = None, lr: Tensor | None = None, **overrides) -> list[Tensor]:
         """lr_up (B, 3, H, W) in [-1, 1] at the native size -> SR images in [-1, 1], one per output
         scale of the tokenizer (one for VQ / BSQ; 1x / 2x / 4x for hierarchical RQ), refined one last."""
-        tokens, f_hat = self.sample_tokens(lr_up, generator, use_cache, captions, **overrides)
+        tokens, f_hat = self.sample_tokens(lr_up, generator, use_cache, captions, lr, **overrides)
         early = [self.tokenizer.decode(self.quantizer.indices_to_fhat(tokens, upto=k)) for k in self.quantizer.output_steps[:-1]]
         return early + [self.tokenizer.decode(f_hat)]
 
     @property
+    def latent_side(self) -> int:
+        return self.quantizer.vae_schedule[-1][0]
+
+    @property
     def native_size(self) -> int:
-        return self.quantizer.patch_nums[-1] * self.tokenizer.downsample
+        return self.latent_side * self.tokenizer.downsample
+
+    def finish(self, sr: Tensor, lr: Tensor) -> Tensor:
+        """SR (B, 3, H, W) in [0, 1] -> post-processed (colour fix) against the LR in [0, 1]."""
+        return sr if self.postprocess is None else self.postprocess(sr, lr)
 
     @torch.no_grad()
     def super_resolve_any(self, lr: Tensor, caption: str | None = None) -> list[Tensor]:
@@ -312,12 +375,14 @@ class ARFinetune(_TokenizerTask):
         n, ds = self.native_size, self.tokenizer.downsample
         caps = None if caption is None else [caption]
         if (H, W) == (n, n):
-            return [(o + 1) / 2 for o in self.super_resolve(lr_up, generator=g, captions=caps)]
+            outs = [(o + 1) / 2 for o in self.super_resolve(lr_up, generator=g, captions=caps, lr=lr * 2 - 1)]
+            return outs[:-1] + [self.finish(outs[-1], lr)]
         Hp, Wp = max(n, math.ceil(H / ds) * ds), max(n, math.ceil(W / ds) * ds)
         padded = F.pad(lr_up, (0, Wp - W, 0, Hp - H), mode="replicate")
-        f_hat = tiled_fhat(lambda t: self.sample_tokens(t, generator=g, captions=None if caps is None else caps * len(t))[1], padded, self.quantizer.patch_nums[-1],
-                           min(self.tile_overlap, self.quantizer.patch_nums[-1] - 1), ds, self.tile_batch)
-        return [(self.tokenizer.decode(f_hat)[..., :H, :W] + 1) / 2]
+        side = self.latent_side
+        f_hat = tiled_fhat(lambda t: self.sample_tokens(t, generator=g, captions=None if caps is None else caps * len(t))[1], padded, side,
+                           min(self.tile_overlap, side - 1), ds, self.tile_batch)
+        return [self.finish((self.tokenizer.decode(f_hat)[..., :H, :W] + 1) / 2, lr)]
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
         if "skipped" in batch:
@@ -333,7 +398,8 @@ class ARFinetune(_TokenizerTask):
         else:  # shards: degraded on the fly at the native size
             hr = batch["hr"]
             g = torch.Generator(device=hr.device).manual_seed(self.seed)
-            sr = (self.super_resolve(batch["lr_up"] * 2 - 1, generator=g, captions=batch.get("caption"))[-1] + 1) / 2
+            sr = (self.super_resolve(batch["lr_up"] * 2 - 1, generator=g, captions=batch.get("caption"), lr=batch["lr"] * 2 - 1)[-1] + 1) / 2
+            sr = self.finish(sr, batch["lr"])
         if sr.shape != hr.shape:
             raise ValueError(f"SR {tuple(sr.shape[-2:])} and HR {tuple(hr.shape[-2:])} differ: is the HR {self.scale}x the LR?")
         bs = hr.shape[0]
@@ -341,20 +407,20 @@ class ARFinetune(_TokenizerTask):
         self.log("test/ssim_y", ssim(sr, hr, crop_border=self.scale).mean(), batch_size=bs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        hr, lr_up = self.images(batch)
-        tokens, inputs, f, mask = self.targets(hr, lr_up)
-        labels = self.labels(batch)
+        hr, lr = self.images(batch)
+        lr_up = batch["lr_up"] * 2 - 1
+        tokens, inputs, f = self.targets(hr, lr)
+        labels = self.batch_labels(batch, hr.shape[0])
         logits = self.transformer(labels, inputs, lr_up, captions=self.captions(batch, hr.shape[0]))
-        flat = torch.cat(tokens, dim=1)
         bs = hr.shape[0]
-        self.log("val/ce", self.transformer.head.token_loss(logits, flat)[:, mask].mean(), batch_size=bs, prog_bar=True)
-        self.log("val/acc", self.transformer.head.accuracy(logits, flat)[:, mask].mean(), batch_size=bs)
+        self.log("val/ce", self.token_loss(logits, tokens), batch_size=bs, prog_bar=True)
+        self.log("val/acc", self.transformer.head.accuracy(logits, torch.cat(tokens, dim=1))[:, self.loss_mask].mean(), batch_size=bs)
         if batch_idx == 0 and self.val_samples > 0:
             n = min(self.val_samples, bs)
             g = torch.Generator(device=hr.device).manual_seed(0)
             caps = batch.get("caption")
-            sr = self.super_resolve(lr_up[:n], generator=g, captions=None if caps is None else list(caps)[:n])[-1]
-            psnr = peak_signal_noise_ratio((sr + 1) / 2, (hr[:n] + 1) / 2, data_range=1.0)
-            self.log("val/sample_psnr", psnr, batch_size=n)
+            sr = self.super_resolve(lr_up[:n], generator=g, captions=None if caps is None else list(caps)[:n], lr=lr[:n])[-1]
+            psnr_rgb = peak_signal_noise_ratio((sr + 1) / 2, (hr[:n] + 1) / 2, data_range=1.0)
+            self.log("val/sample_psnr", psnr_rgb, batch_size=n)
             if self.global_rank == 0:
                 self.log_images("val/lr_sr_hr", [(lr_up[:n] + 1) / 2, (sr + 1) / 2, (hr[:n] + 1) / 2])

@@ -1,0 +1,99 @@
+"""The next-scale sampler shared by the backbones: KV cache, CFG, temperature, top-k / top-p,
+forced (substituted) scales and a seeded generator.
+
+A backbone takes part by providing
+
+- ``begin(batch_size, guided, **condition) -> StepState``: the condition of the batch (doubled
+  as [conditional; unconditional] when guided);
+- ``start_tokens(state) -> (B', n_1, C)``: the inputs of scale 1;
+- ``step(x, si, state) -> (B', n_si, C)``: hidden states of scale si through the KV cache;
+- ``embed(inputs) -> (B, n, C)``: next-scale inputs (from the quantizer) to the model width;
+- ``guidance(cfg, si, K) -> w``: guided logits = cond + w (cond - uncond) at scale si;
+- ``kv_cache()``: a context manager that turns the cache on (``use_cache=False``: ``step`` recomputes
+  the whole sequence so far, for checks);
+- ``head``: scores and samples tokens.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class StepState:
+    """What a backbone keeps for one sampling run: the condition vector (B', D) and anything else."""
+
+    cond: Tensor
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sampled:
+    """tokens: per scale (B, n_k, ...); hidden: last scale's hidden states (B', n_K, C); cond (B', D);
+    logits: per scale, the logits each scale was sampled from (after CFG and temperature, B rows)."""
+
+    tokens: list[Tensor]
+    hidden: Tensor
+    cond: Tensor
+    logits: list[Tensor]
+
+
+def per_scale(value: float | list[float], si: int) -> float:
+    return value[si] if isinstance(value, (list, tuple)) else value
+
+
+@torch.no_grad()
+def sample_scales(
+    model,
+    quantizer,
+    batch_size: int,
+    cfg: float | list[float] | None = None,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    temperature: float | list[float] = 1.0,
+    generator: torch.Generator | None = None,
+    forced: list[Tensor] | None = None,
+    num_scales: int | None = None,
+    use_cache: bool = True,
+    **condition,
+) -> Sampled:
+    """Sample every scale's tokens of a backbone.
+
+    cfg, temperature: a value or one per scale (cfg None: no guidance). Guidance is on where the backbone's weight for
+    some scale is non-zero; the logits are divided by the temperature before they are mixed.
+    forced: tokens of the first scales (NSARM's transformation network): the model still runs on
+    those scales (its cache is filled from them) and a sample is still drawn and discarded, so
+    the generator advances as when nothing is forced.
+    """
+    B, K = batch_size, num_scales or len(quantizer.schedule)
+    forced = forced or []
+    weights = [0.0 if cfg is None else model.guidance(per_scale(cfg, si), si, K) for si in range(K)]
+    guided = any(w != 0 for w in weights)
+    was_training = model.training
+    model.eval()
+    try:
+        state = model.begin(B, guided, **condition)
+        x = model.start_tokens(state)
+        tokens, logits_out = [], []
+        with model.kv_cache() if use_cache else nullcontext():
+            for si in range(K):
+                h = model.step(x, si, state)
+                logits = model.head(h, state.cond) / per_scale(temperature, si)
+                if guided:
+                    w = weights[si]
+                    logits = (1 + w) * logits[:B] - w * logits[B:]
+                tok = model.head.sample(logits, top_k, top_p, 1.0, generator)
+                if si < len(forced):
+                    tok = forced[si].to(tok.dtype)
+                tokens.append(tok)
+                logits_out.append(logits)
+                if si + 1 < K:
+                    x = model.embed(quantizer.step_input(tokens))
+                    x = torch.cat([x, x]) if guided else x
+    finally:
+        model.train(was_training)
+    return Sampled(tokens, h, state.cond, logits_out)
