@@ -6,6 +6,7 @@
     python tools/bench.py tokenizer --size 256 --preset tiny
     python tools/bench.py ar --preset small --batch 4
     python tools/bench.py predict --preset small --lr_size 128
+    python tools/bench.py optimizer --preset small
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def ar(preset: str = "small", size: int = 256, batch: int = 2, iters: int = 3, d
     """Teacher-forced training step (CE + refiner, AdamW): tokens/s and peak memory."""
     task = _ar_task(preset, size).to(device)
     task.log = task.log_dict = lambda *a, **k: None
-    opt = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=1e-4)
+    from arsr.optim import AdamW
+
+    opt = AdamW([(n, p) for n, p in task.named_parameters() if p.requires_grad], lr=1e-4)
     hr = torch.rand(batch, 3, size, size, device=device)
     b = {"hr": hr, "lr_up": hr, "quality": torch.ones(batch, dtype=torch.long, device=device)}
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -154,5 +157,27 @@ def predict(preset: str = "small", lr_size: int = 64, iters: int = 2, device: st
             print(f"predict {preset} {lr_size}->{size} on {device}: kv_cache={use_cache} cfg={c}: {t[len(t) // 2]:.2f} s/image")
 
 
+def optimizer(preset: str = "small", iters: int = 15, device: str = "cpu", rounds: int = 3):
+    """One AdamW step over the AR model's trainable weights: arsr.optim.AdamW (VAR's groups; fused
+    where supported, and foreach) against plain single-tensor AdamW; medians and the ratio."""
+    from arsr.optim import AdamW
+
+    task = _ar_task(preset, 256).to(device)
+    named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
+    for _, p in named:
+        p.grad = torch.randn_like(p) * 1e-3
+    opts = {"fused/auto": AdamW(named, lr=1e-4), "foreach": AdamW(named, lr=1e-4, impl="foreach"),
+            "plain": torch.optim.AdamW([p for _, p in named], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, foreach=False)}
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    for _ in range(rounds):  # interleaved, so a busy machine slows every variant alike
+        for k, opt in opts.items():
+            times[k] += _timeit(opt.step, 2, iters, device)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    n = sum(p.numel() for _, p in named)
+    print(f"optimizer step {preset} ({n / 1e6:.1f}M trainable params, {len(named)} tensors) on {device}, threads {torch.get_num_threads()}: "
+          + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
+          + f"; plain / {opts['fused/auto'].impl} = {med['plain'] / med['fused/auto']:.2f}x, plain / foreach = {med['plain'] / med['foreach']:.2f}x")
+
+
 if __name__ == "__main__":
-    auto_cli([degradation, loader, tokenizer, ar, predict])
+    auto_cli([degradation, loader, tokenizer, ar, predict, optimizer])
