@@ -186,3 +186,24 @@ def test_schedule_shapes(decay):
     assert f[0] == 0 and f[5] == pytest.approx(0.5) and f[10] == 1 and f[100] == 0
     assert f[55] == pytest.approx(0.5)  # half way through the decay, both shapes
     assert f[30] == pytest.approx(1 - 20 / 90 if decay == "linear" else 0.5 + 0.5 * math.cos(math.pi * 20 / 90))
+
+
+def test_resume_continues_schedule_and_ema_exactly(tmp_path):
+    def fit(max_steps: int, ckpt_path=None, save: bool = False):
+        task = Tiny(optimizer=lambda p: AdamW(p, lr=0.1, weight_decay=0.1),
+                    lr_scheduler=lambda o: WarmupDecay(o, total_steps=20, warmup=4, plateau=0.2, end=0.1, weight_decay_end=0.0))
+        logger, ema = MemoryLogger(), EMA(decay=0.7, start_step=3)
+        cbs = [ema] + ([SafetensorsCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=max_steps)] if save else [])
+        trainer = L.Trainer(max_steps=max_steps, logger=logger, log_every_n_steps=1, callbacks=cbs, accelerator="cpu",
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=save)
+        trainer.fit(task, DataLoader(torch.zeros(64, 2), batch_size=2), ckpt_path=ckpt_path)
+        return task, ema, logger
+
+    whole, whole_ema, whole_log = fit(20)
+    fit(10, save=True)
+    resumed, resumed_ema, resumed_log = fit(20, ckpt_path=tmp_path / "last.ckpt")
+    for s in range(10, 20):
+        assert resumed_log.rows[s]["lr/decay"] == pytest.approx(whole_log.rows[s]["lr/decay"], rel=1e-9)
+        assert resumed_log.rows[s]["wd/decay"] == pytest.approx(whole_log.rows[s]["wd/decay"], rel=1e-9)
+    torch.testing.assert_close(resumed.body.weight, whole.body.weight)
+    torch.testing.assert_close(resumed_ema.ema_weights()["body.weight"], whole_ema.ema_weights()["body.weight"])
