@@ -49,6 +49,17 @@ class _TokenizerTask(ARSRTask):
     def quantizer(self):
         return self.tokenizer.quantize
 
+    def setup(self, stage: str) -> None:
+        """``init_from`` may list several files (e.g. converted Infinity weights and NSARM stage 1's
+        export): their tensors are merged, later files winning, and loaded together."""
+        if isinstance(self.init_from, (list, tuple)) and not getattr(self, "_initialised", False):
+            state = {}
+            for path in self.init_from:
+                state |= load_weights(path)
+            self.load_initial_weights(state)
+            self._initialised = True
+        super().setup(stage)
+
     def load_initial_weights(self, state: dict[str, Tensor]) -> None:
         """init_from loads every top-level part present in the file (transformer, refiner,
         scale_predictor, ...); each part it loads must match exactly, unless ``init_strict`` is
@@ -178,7 +189,7 @@ class ARFinetune(_TokenizerTask):
         tokenizer_from: str | None = None,
         optimizer: OptimizerCallable = adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
-        init_from: str | None = None,
+        init_from: str | list[str] | None = None,
         image_log_every: int = 500,
         scale_weighting: Literal["uniform", "sqrt_area"] = "uniform",
         ce_on_substituted: bool = False,

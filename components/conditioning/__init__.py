@@ -3,7 +3,7 @@
 from .labels import ConstantLabel, DegradationClasses, QualityCFG
 from .nsarm_map import NSARMTransformationNet
 from .prefix import EncoderFeatures, PrefixTokens
-from .text import ByteCaptionEncoder
+from .text import ByteCaptionEncoder, T5TextEncoder
 from .transformation import TransformationNet
 
-__all__ = ["ByteCaptionEncoder", "ConstantLabel", "DegradationClasses", "EncoderFeatures", "NSARMTransformationNet", "PrefixTokens", "QualityCFG", "TransformationNet"]
+__all__ = ["ByteCaptionEncoder", "ConstantLabel", "DegradationClasses", "EncoderFeatures", "NSARMTransformationNet", "PrefixTokens", "QualityCFG", "T5TextEncoder", "TransformationNet"]
