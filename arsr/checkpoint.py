@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,13 +92,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def check_checkpoint(path: str | Path) -> None:
     """Raise ValueError saying why ``path`` is not a loadable Lightning checkpoint (weights-only load,
     memory-mapped: cheap, and nothing in the file is executed)."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable checkpoint (not a torch.save archive: truncated, empty or another format)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         raise ValueError(f"{path} was refused: it holds Python objects other than tensors and plain containers, "
-                         f"which could run code when loaded (nothing was executed; {str(e).splitlines()[0][:200]})") from None
-    except Exception as e:  # truncated, empty, not a zip/pickle
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'empty'})") from None
+                         "which could run code when loaded (nothing was executed)") from None
+    except Exception as e:  # damaged archive
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'damaged'})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} holds no Lightning training state; official .pth files go through tools/convert.py "
                          "and --model.init_args.init_from")
@@ -134,7 +137,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: init_from takes .safetensors weights; convert official .pth files with tools/convert.py")
+        raise ValueError(f"{path}: weights are read from .safetensors files only (a pickled .pth/.ckpt could run code); "
+                         "convert official .pth files with tools/convert.py, resume a .ckpt with --ckpt_path")
     try:
         return load_file(path)
     except SafetensorError as e:

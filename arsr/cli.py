@@ -121,6 +121,10 @@ def _find(config, key: str, path: str = "") -> list[tuple[str, object]]:
     return out
 
 
+DATA_MINIMA = {"crop_size": 1, "batch_size": 1, "val_batch_size": 1, "batches_per_epoch": 1, "shuffle_buffer": 1,
+               "num_workers": 0, "pool_size": 0}
+
+
 def check_values(cfg) -> None:
     """Range checks jsonargparse's types cannot express, before any model is built: learning
     rates must be positive, and the training crop must tile the tokenizer's latent grid."""
@@ -128,7 +132,11 @@ def check_values(cfg) -> None:
     for key, lr in _find(cfg.get("model"), "lr", "model"):
         if isinstance(lr, (int, float)) and lr <= 0:
             raise ArgumentError(None, f'Parser key "{key}": {lr} is not accepted: a learning rate must be > 0')
-    crop = ((cfg.get("data") or {}).get("init_args") or {}).get("crop_size")
+    data = (cfg.get("data") or {}).get("init_args") or {}
+    for key, low in DATA_MINIMA.items():
+        if isinstance(data.get(key), int) and data[key] < low:
+            raise ArgumentError(None, f'Parser key "data.init_args.{key}": {data[key]} is not accepted: it must be an integer >= {low}')
+    crop = data.get("crop_size")
     tok = ((cfg.get("model") or {}).get("init_args") or {}).get("tokenizer")
     targs = (tok.get("init_args") or {}) if isinstance(tok, dict) else {}
     if not isinstance(crop, int) or not targs.get("ch_mult"):

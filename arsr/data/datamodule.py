@@ -18,7 +18,6 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from jsonargparse.typing import NonNegativeInt, PositiveInt
 from PIL import Image
 
 from arsr.interfaces import Degradation
@@ -149,18 +148,23 @@ class ShardDataModule(L.LightningDataModule):
         train_shards: str | list[str],
         degradation: Degradation,
         val_shards: str | list[str] | None = None,
-        crop_size: PositiveInt = 256,
+        crop_size: int = 256,
         crop: Literal["random", "resize_center"] = "random",
         hflip: bool = True,
-        batch_size: PositiveInt = 8,
-        val_batch_size: PositiveInt | None = None,
-        num_workers: NonNegativeInt = 2,
-        batches_per_epoch: PositiveInt = 1000,
-        shuffle_buffer: PositiveInt = 500,
-        pool_size: NonNegativeInt = 0,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        batches_per_epoch: int = 1000,
+        shuffle_buffer: int = 500,
+        pool_size: int = 0,
         seed: int = 0,
     ):
         super().__init__()
+        for name, value, low in (("crop_size", crop_size, 1), ("batch_size", batch_size, 1), ("val_batch_size", val_batch_size or 1, 1),
+                                 ("batches_per_epoch", batches_per_epoch, 1), ("shuffle_buffer", shuffle_buffer, 1),
+                                 ("num_workers", num_workers, 0), ("pool_size", pool_size, 0)):
+            if value < low:
+                raise ValueError(f"{name}: {value} is not accepted: it must be >= {low}")
         if crop_size % degradation.scale:
             raise ValueError(f"crop_size {crop_size} is not divisible by the degradation scale {degradation.scale}")
         if pool_size % batch_size:
