@@ -10,7 +10,6 @@ from PIL import Image
 
 from arsr.evaluate import Report, add_no_reference, add_perceptual, evaluate_folders, write_report
 from arsr.metrics import LearnedMetrics
-
 from conftest import ROOT
 
 

@@ -18,6 +18,7 @@ State-dict keys equal the official ``map_transformer.*`` keys with that prefix r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ class NSARMTransformationNet(ScalePredictor):
         self.num_scales = n
 
         widths = [latent_dim, *stem, latent_dim]
-        self.feature_extractor = nn.Sequential(*[m for a, b in zip(widths, widths[1:]) for m in _conv_ln_gelu(a, b, self.grid)])
+        self.feature_extractor = nn.Sequential(*[m for a, b in pairwise(widths) for m in _conv_ln_gelu(a, b, self.grid)])
         self.feature_transforms = nn.ModuleList(
             nn.Sequential(*_conv_ln_gelu(latent_dim, dim // 2, self.grid), *_conv_ln_gelu(dim // 2, dim, self.grid)) for dim in dims)
         self.transformers = nn.ModuleList(

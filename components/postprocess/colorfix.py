@@ -98,7 +98,8 @@ class ColorFix(PostProcess):
 
     def __init__(self, adain: bool = True, wavelet: bool = True, eps: float = 1e-5, levels: int = 5):
         super().__init__()
-        self.fixes = torch.nn.ModuleList([AdaINColorFix(eps)] * adain + [WaveletColorFix(levels)] * wavelet)
+        fixes = ([AdaINColorFix(eps)] if adain else []) + ([WaveletColorFix(levels)] if wavelet else [])
+        self.fixes = torch.nn.ModuleList(fixes)
 
     def forward(self, sr: Tensor, lr: Tensor) -> Tensor:
         ref = reference_at(lr, sr.shape[-2:])  # resized once for both fixes
