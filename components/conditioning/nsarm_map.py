@@ -55,7 +55,8 @@ class NSARMTransformationNet(ScalePredictor):
     The defaults are arsr's choice for the Infinity-2B d32 tokenizer (stride 16, 32 channels):
     LR 256 gives a 16x16 latent and the first 7 scales of the 1M schedule are 1,2,4,6,8,12,16.
     NSARM's 2B variant is not released; these widths keep the 8B design (same stem, 7 per-scale
-    transformers, widths 64..384 instead of 64..1024, 2..6 layers) at 21.4M parameters, 1/18 of it. The released 8B network is ``NSARMTransformationNet.nsarm_8b()`` (kwargs: ``NSARM_8B``).
+    transformers, widths 64..384 instead of 64..1024, 2..6 layers) at 21.4M parameters, 1/18 of it.
+    The released 8B network is ``NSARMTransformationNet.nsarm_8b()`` (kwargs: ``NSARM_8B``).
 
     Args:
         latent_dim: d, channels of the VAE latent (input and output).
