@@ -244,7 +244,7 @@ def check_against(state: dict[str, torch.Tensor], model: nn.Module, preset_name:
     out = {k: state[k].to(own[k].dtype) for k in own}
     for k in preset.resizable_buffers:  # as the official loaders do: keep our own when the schedule differs
         if k in out and out[k].shape != own[k].shape:
-            out[k] = own[k]
+            out[k] = torch.zeros(own[k].shape, dtype=own[k].dtype, device="cpu")  # a statistic restarted for the new schedule
     return out
 
 
@@ -256,9 +256,10 @@ def convert(src: str | Path, preset: str, out: str | Path) -> Path:
     state = read_official(src, p.wrapped_keys)
     state = map_keys(p.adapt(state) if p.adapt else state, p.key_map)
     routed = {prefix: {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)} for prefix, _ in p.parts}
-    written = {p.out_prefix + k: v for k, v in check_against(state, build(p.component), preset, p).items()}
-    for prefix, component in p.parts:
-        written |= {prefix + k: v for k, v in check_against(routed[prefix], build(component), preset, p).items()}
+    with torch.device("meta"):  # names, shapes and dtypes only: a 8B model costs nothing to check against
+        written = {p.out_prefix + k: v for k, v in check_against(state, build(p.component), preset, p).items()}
+        for prefix, component in p.parts:
+            written |= {prefix + k: v for k, v in check_against(routed[prefix], build(component), preset, p).items()}
     out = Path(out).with_suffix(".safetensors")
     atomic_save_safetensors(written, out, {"arsr_preset": preset, "source": Path(src).name})
     blocks = {"transformer" if p.out_prefix else "tokenizer": p.component} | {prefix.rstrip("."): c for prefix, c in p.parts}
