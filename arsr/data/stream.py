@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import webdataset as wds
 from .samples import BadSample, SampleStats
 
 SHARD_INDEX = "shardindex.json"  # wids-shard-index-v1: {"shardlist": [{"url": ..., "nsamples": n}, ...]}
-READ_ERRORS = (OSError, EOFError, ValueError, KeyError)
+READ_ERRORS = (OSError, EOFError, ValueError, KeyError, tarfile.TarError)
 
 
 class NoUsableSamples(ValueError):
@@ -68,7 +69,8 @@ class ShardReader:
         except READ_ERRORS as e:
             self.stats["skipped_unreadable_shard" if read == 0 else "truncated_shard"] += 1
             lost = self.sizes.get(url, read) - read
-            self.stats["lost_in_truncated_shards"] += lost
+            if lost:
+                self.stats["lost_in_truncated_shards"] += lost
             if url not in self.reported:
                 self.reported.add(url)
                 what = f"{lost} sample(s) lost (its index lists {self.sizes[url]})" if url in self.sizes else \
