@@ -272,3 +272,17 @@ def test_tiny_infinity_trains_on_captioned_shards_and_samples(t5):
     lr_up = torch.rand(2, 3, 32, 32) * 2 - 1
     tokens, f_hat = task.sample_tokens(lr_up, generator=torch.Generator().manual_seed(0), captions=["a photo of a cat", "a tree"])
     assert [t.shape for t in tokens] == [(2, 1, 8), (2, 4, 8), (2, 16, 8), (2, 64, 8)] and f_hat.shape == (2, 8, 8, 8)
+
+
+def test_cache_text_tool_fills_the_cache_once(tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("cache_text", ROOT / "tools" / "cache_text.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    shards = str(SAMPLE / "train-{000000..000001}.tar")
+    n = tool.cache_text(str(SAMPLE / "tiny_t5"), str(tmp_path / "c"), shards=shards, device="cpu")
+    assert n == len(tool.captions_of(shards)) >= 2 and len(list((tmp_path / "c").glob("*.safetensors"))) == n
+    assert tool.cache_text(str(SAMPLE / "tiny_t5"), str(tmp_path / "c"), shards=shards, device="cpu") == 0
