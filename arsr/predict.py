@@ -228,5 +228,6 @@ class SRWriter(BasePredictionWriter):
         parts.append(f"failed {len(self.failed)}" + "".join(f"\n  {p}: {r}" for p, r in self.failed.items()))
         return "arsr predict: " + ", ".join(parts)
 
-    def on_predict_end(self, trainer, pl_module) -> None:
-        print(self.summary(), file=sys.stderr)
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "predict":  # also when every output existed and the loop had nothing to run
+            print(self.summary(), file=sys.stderr)

@@ -47,11 +47,16 @@ def test_print_config_and_override(capsys):
          "model.init_args.tokenizer.init_args.quantizer: module 'arsr.components.quantizers' has no attribute 'NoSuchQuantizer'; "
          "arsr.components.quantizers provides: HierarchicalRQ, MultiScaleBSQ, MultiScaleVQ"),
         (["--data.init_args.batch_size", "many"], "data.init_args.batch_size: Expected a <class 'int'>. Got value: many"),
+        (["--data.init_args.batch_size", "0"], "data.init_args.batch_size: 0 is not accepted: it must be an integer >= 1"),
+        (["--model.init_args.optimizer.init_args.lr", "-0.001"],
+         "model.init_args.optimizer.init_args.lr: -0.001 is not accepted: a learning rate must be > 0"),
+        (["--data.init_args.crop_size", "62"], "data.init_args.crop_size: 62 is not accepted: it must be a multiple of the tokenizer's downsampling factor 4"),
+        (["--data.init_args.crop_size", "32"], "data.init_args.crop_size: 32 is not accepted: the scale schedule patch_nums ends at 16 latent cells = 64 px"),
         (["--data.init_args.degradation.init_args.jpeg_range", "[1]"], "degradation.init_args.jpeg_range: Expected a tuple with 2"),
         (["--data.init_args.train_shards", "missing-{0..2}.tar"], "not found"),
         (["--model.init_args.init_from", "missing.safetensors"], "not found"),
         (["--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt does not exist"),
-        (["--ckpt_path", "README.md"], "not a readable Lightning checkpoint"),
+        (["--ckpt_path", "README.md"], "--ckpt_path README.md is not a readable checkpoint (not a torch.save archive"),
     ],
 )
 def test_errors_are_one_line(args, expected, tmp_path):
@@ -60,6 +65,13 @@ def test_errors_are_one_line(args, expected, tmp_path):
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("arsr: error:")]
     assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
+
+
+def test_broken_yaml_is_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("trainer:\n  max_steps: 3\n   devices: 1\n")
+    r = run_cli("fit", "--config", QUICK, "--config", str(tmp_path / "bad.yaml"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("arsr: error: Problems parsing config: mapping values are not allowed")
 
 
 def test_missing_config_file():
@@ -124,18 +136,48 @@ def test_quickstart_end_to_end_sr(tmp_path):
 
 
 def test_predict_through_the_cli(tmp_path):
+    """Names keep relative paths (no clashes), existing outputs are kept unless overwritten, a summary,
+    a failing exit code when an input failed, EXIF orientation applied."""
+    from PIL import Image
+
+    from conftest import rand_rgb
+    from test_reliability_data import exif_rotated_jpeg
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "in" / "a.png")
+    (tmp_path / "in" / "a.jpg").write_bytes(exif_rotated_jpeg(rand_rgb(12, 20)))  # shown upright: 12 wide, 20 high
+    Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "in" / "sub" / "a.png")
+    (tmp_path / "in" / "c.png").write_bytes(b"broken")
+    out = tmp_path / "out"
+    args = ["predict", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"), "--model.init_args.tokenizer_from", "null",
+            "--data.init_args.inputs", f"[{tmp_path / 'in'}]", "--trainer.callbacks.init_args.out_dir", str(out)]
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]  # c.png failed; the others were written
+    assert f"arsr predict: written 3 to {out}, failed 1\n  {tmp_path / 'in' / 'c.png'}: corrupt" in r.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.jpg.png", "a.png", "sub/a.png"]
+    assert Image.open(out / "a.png").size == (64, 64) and Image.open(out / "a.jpg.png").size == (48, 80)
+    (tmp_path / "in" / "c.png").unlink()
+    before = (out / "a.png").stat().st_mtime_ns
+    r = run_cli(*args, cwd=tmp_path)
+    assert r.returncode == 0 and "written 0" in r.stderr and "skipped 3 whose output exists (--overwrite replaces them)" in r.stderr
+    assert (out / "a.png").stat().st_mtime_ns == before
+    r = run_cli(*args, "--trainer.callbacks.init_args.overwrite", "true", cwd=tmp_path)
+    assert r.returncode == 0 and "written 3" in r.stderr and (out / "a.png").stat().st_mtime_ns != before
+
+
+def test_arsr_test_lists_mis_sized_pairs(tmp_path):
     from PIL import Image
 
     from conftest import rand_rgb
 
-    (tmp_path / "in").mkdir()
-    Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "in" / "a.png")
-    Image.fromarray(rand_rgb(12, 20)).save(tmp_path / "in" / "b.jpg")
-    (tmp_path / "in" / "c.png").write_bytes(b"broken")
-    r = run_cli("predict", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"),
-                "--model.init_args.tokenizer_from", "null", "--data.init_args.inputs", f"[{tmp_path / 'in'}]",
-                "--trainer.callbacks.init_args.out_dir", str(tmp_path / "out"), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "skipping" in r.stderr and "c.png" in r.stderr
-    assert Image.open(tmp_path / "out" / "a.png").size == (64, 64)
-    assert Image.open(tmp_path / "out" / "b.png").size == (80, 48)
+    for d in ("lr", "hr"):
+        (tmp_path / d).mkdir()
+    Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "lr" / "ok.png")
+    Image.fromarray(rand_rgb(64, 64)).save(tmp_path / "hr" / "ok.png")
+    Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "lr" / "odd.png")
+    Image.fromarray(rand_rgb(60, 64)).save(tmp_path / "hr" / "odd.png")
+    r = run_cli("test", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"), "--model.init_args.tokenizer_from", "null",
+                "--data.init_args.inputs", f"[{tmp_path / 'lr'}]", "--data.init_args.hr_dir", str(tmp_path / "hr"), cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "test/psnr_y" in r.stdout  # the good pair was evaluated
+    assert f"arsr test: 1 pair(s) skipped, not in the scores:\n  {tmp_path / 'lr' / 'odd.png'}: mis_sized: HR odd.png is 64x60, not 4x the LR 16x16" in r.stderr
