@@ -38,5 +38,5 @@ def test_two_process_cpu(tmp_path, strategy):
     from safetensors.torch import load_file
 
     weights = load_file(next(tmp_path.rglob("last.safetensors")))
-    assert weights["transformer.blocks.0.attn.mat_qkv.weight"].shape == (192, 64)  # full, not a shard
+    assert weights["transformer.blocks.0.sa.mat_qkv.weight"].shape == (192, 64)  # full, not a shard (Infinity block)
     assert not any("_checkpoint_wrapped_module" in k or k.startswith("tokenizer.") for k in weights)

@@ -75,7 +75,7 @@ def test_ar_finetune_loss_falls_on_a_tiny_set():
     task = ARFinetune(tr, tok, QualityCFG())
     g = torch.Generator().manual_seed(0)
     batch = {"hr": torch.rand(4, 3, 16, 16, generator=g), "lr_up": torch.rand(4, 3, 16, 16, generator=g),
-             "quality": torch.ones(4, dtype=torch.long)}
+             "lr": torch.rand(4, 3, 4, 4, generator=g), "quality": torch.ones(4, dtype=torch.long)}
     losses = _overfit(task, batch)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
 
@@ -90,6 +90,6 @@ def test_transform_align_loss_falls():
     tok = VQVAE(MultiScaleBSQ(8, (1, 2, 4)), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
     task = TransformAlign(TransformationNet(num_scales=2, width=16, downsample=4), tok)
     g = torch.Generator().manual_seed(1)
-    batch = {"hr": torch.rand(4, 3, 16, 16, generator=g), "lr_up": torch.rand(4, 3, 16, 16, generator=g)}
+    batch = {"hr": torch.rand(4, 3, 16, 16, generator=g), "lr": torch.rand(4, 3, 4, 4, generator=g)}
     losses = _overfit(task, batch, steps=40)
     assert losses[-1] < 0.5 * losses[0]

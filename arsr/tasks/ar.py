@@ -49,9 +49,21 @@ class _TokenizerTask(ARSRTask):
     def quantizer(self):
         return self.tokenizer.quantize
 
+    @property
+    def native_size(self) -> int:
+        """Pixel side of the images the tokenizer's schedule describes (last scale x stride)."""
+        return self.quantizer.vae_schedule[-1][0] * self.tokenizer.downsample
+
     def setup(self, stage: str) -> None:
-        """``init_from`` may list several files (e.g. converted Infinity weights and NSARM stage 1's
-        export): their tensors are merged, later files winning, and loaded together."""
+        """Checks the training crops against the schedule, then loads ``init_from``, which may list
+        several files (e.g. converted Infinity weights and NSARM stage 1's export): their tensors
+        are merged, later files winning, and loaded together."""
+        crop = getattr(getattr(self._trainer, "datamodule", None), "crop_size", None) if self._trainer is not None else None
+        if stage == "fit" and crop is not None and crop != self.native_size:
+            h, w = self.quantizer.vae_schedule[-1]
+            raise ValueError(f"data crop_size {crop} does not fit the tokenizer's schedule, which ends at a {h}x{w} latent of stride "
+                             f"{self.tokenizer.downsample} = {self.native_size} px: set --data.init_args.crop_size {self.native_size} "
+                             f"or change the quantizer's schedule")
         if isinstance(self.init_from, (list, tuple)) and not getattr(self, "_initialised", False):
             state = {}
             for path in self.init_from:
@@ -366,10 +378,6 @@ class ARFinetune(_TokenizerTask):
     @property
     def latent_side(self) -> int:
         return self.quantizer.vae_schedule[-1][0]
-
-    @property
-    def native_size(self) -> int:
-        return self.latent_side * self.tokenizer.downsample
 
     def finish(self, sr: Tensor, lr: Tensor) -> Tensor:
         """SR (B, 3, H, W) in [0, 1] -> post-processed (colour fix) against the LR in [0, 1]."""
