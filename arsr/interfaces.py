@@ -91,6 +91,8 @@ class Quantizer(nn.Module, ABC):
     """
 
     dim: int
+    token_kind: str = "index"  # "index": codebook indices (vocab_size); "bits": token_dim binary labels
+    substitutable: bool = False  # supports NSARM's substituted residuals (teacher(substituted), residual_to_tokens)
 
     @property
     def schedule(self) -> tuple[tuple[int, int], ...]:
@@ -257,6 +259,9 @@ class Head(nn.Module, ABC):
 
     @abstractmethod
     def bind(self, width: int, cond_dim: int) -> None: ...
+
+    def check_tokens(self, quantizer: Quantizer) -> None:
+        """Raise a one-line error when this head cannot score the quantizer's tokens."""
 
     def init_weights(self, init_head: float, init_adaln: float) -> None:
         """Called after the transformer's own initialisation."""

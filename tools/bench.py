@@ -7,6 +7,7 @@
     python tools/bench.py ar --preset small --batch 4
     python tools/bench.py predict --preset small --lr_size 128
     python tools/bench.py optimizer --preset small
+    python tools/bench.py nsarm --preset tiny --schedule 0.06M
 """
 
 from __future__ import annotations
@@ -179,5 +180,51 @@ def optimizer(preset: str = "small", iters: int = 15, device: str = "cpu", round
           + f"; plain / {opts['fused/auto'].impl} = {med['plain'] / med['fused/auto']:.2f}x, plain / foreach = {med['plain'] / med['foreach']:.2f}x")
 
 
+def nsarm(preset: str = "tiny", schedule: str = "0.06M", batch: int = 2, iters: int = 3, device: str = "cpu", cfg: float = 1.0):
+    """NSARM stage 2 on Infinity: one training step (Algorithm 2 + teacher-forced bitwise CE + AdamW)
+    and sampling per image (transformation network + KV cache, tau 0.5, top-p 0.97, colour fix).
+    ``tiny``: the oracle-sized Infinity (2 blocks, width 64, tiny T5); ``layer12``: infinity_layer12
+    (125M) with the tiny T5 (d32 stride-16 VAE at full size)."""
+    from arsr.components.conditioning import NSARMTransformationNet, T5TextEncoder
+    from arsr.components.postprocess import ColorFix
+    from arsr.components.quantizers import MultiScaleBSQ
+    from arsr.nn.infinity import InfinityTransformer
+    from arsr.nn.vae import VQVAE
+    from arsr.optim import AdamW
+    from arsr.tasks.ar import ARFinetune
+
+    torch.manual_seed(0)
+    sizes = {"tiny": dict(depth=2, width=64, heads=4), "layer12": dict(depth=12, width=768, heads=8)}[preset]
+    q = MultiScaleBSQ(dim=8 if preset == "tiny" else 32, schedule=schedule)
+    ch_mult = (1, 2, 2) if preset == "tiny" else (1, 2, 4, 4, 4)
+    tok = VQVAE(q, ch=32 if preset == "tiny" else 128, ch_mult=ch_mult, num_res_blocks=2, using_sa=False, using_mid_sa=False, quant_conv_ks=0)
+    grid = q.vae_schedule[-1][0] // 4
+    sides = [hw for hw in q.vae_schedule if hw[0] <= grid][:7]
+    net = NSARMTransformationNet(latent_dim=q.dim, grid=grid, sides=sides, dims=[32] * len(sides), layers=[1] * len(sides),
+                                 heads=[2] * len(sides), stem=[16, 16])
+    tr = InfinityTransformer(text=T5TextEncoder("recipes/sample_data/tiny_t5"), token_dim=q.dim, text_channels=128, text_maxlen=64, **sizes)
+    task = ARFinetune(tr, tok, scale_predictor=net, postprocess=ColorFix(), scale_weighting="sqrt_area", sample_cfg=cfg,
+                      sample_temperature=0.5, sample_top_k=0, sample_top_p=0.97).to(device)
+    task.log = task.log_dict = lambda *a, **k: None
+    px = task.native_size
+    hr = torch.rand(batch, 3, px, px, device=device)
+    lr = torch.nn.functional.interpolate(hr, scale_factor=0.25, mode="area")
+    b = {"hr": hr, "lr": lr, "lr_up": torch.nn.functional.interpolate(lr, size=(px, px), mode="bicubic").clamp(0, 1), "caption": ["a photo"] * batch}
+    opt = AdamW(list(task.named_parameters()), lr=1e-4)
+
+    def step():
+        loss = task.training_step(b, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    t_train = _timeit(step, 1, iters, device)[iters // 2]
+    task.eval()
+    t_sample = _timeit(lambda: task.super_resolve_any(lr[:1]), 1, iters, device)[iters // 2]
+    n = sum(p.numel() for p in tr.parameters() if p.requires_grad)
+    print(f"nsarm {preset} ({n / 1e6:.1f}M transformer params) {schedule} ({q.schedule[-1][0]}x{q.schedule[-1][1]} tokens last, "
+          f"{px} px) on {device}: train step batch {batch} {t_train:.2f} s; sample {t_sample:.2f} s/image (cfg {cfg})")
+
+
 if __name__ == "__main__":
-    auto_cli([degradation, loader, tokenizer, ar, predict, optimizer])
+    auto_cli([degradation, loader, tokenizer, ar, predict, optimizer, nsarm])

@@ -177,6 +177,10 @@ class VQVAE(nn.Module):
         """(B, 3, H, W) -> f (B, z, H/16, W/16), before quantisation."""
         return self.quant_conv(self.encoder(img))
 
+    def final_latent(self, f: Tensor) -> Tensor:
+        """The latent the full-size output decodes from, given what :meth:`encode` returned."""
+        return f
+
     def decode(self, f_hat: Tensor) -> Tensor:
         """f_hat (B, z, h, w) -> image (B, 3, 16h, 16w) clamped to [-1, 1]."""
         return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
@@ -211,6 +215,9 @@ class HierarchicalVQVAE(VQVAE):
             x = img if img.shape[-1] == px else F.interpolate(img, size=(px, px), mode="bicubic", antialias=True)
             feats.append(self.quant_conv(self.encoder(x)))
         return feats
+
+    def final_latent(self, f: list[Tensor]) -> Tensor:
+        return f[-1]
 
     def decode(self, f_hat: Tensor) -> Tensor:
         """Decoder of the scale whose latent side f_hat has; larger latents (tiled canvases) use the

@@ -145,6 +145,8 @@ class TransformAlign(_TokenizerTask):
 def bind_predictor(predictor: ScalePredictor, tokenizer: VQVAE) -> ScalePredictor:
     """Size a transformation network from the tokenizer: latent width, latent-space map sizes."""
     q = tokenizer.quantize
+    if not q.substitutable:
+        raise ValueError(f"a scale predictor (NSARM) needs a quantizer that takes substituted residuals; {type(q).__name__} does not: use MultiScaleBSQ")
     if predictor.num_scales >= len(q.vae_schedule):
         raise ValueError(f"the transformation network predicts {predictor.num_scales} scales of a {len(q.vae_schedule)}-scale schedule: "
                          "leave at least one scale to the transformer")
@@ -222,6 +224,7 @@ class ARFinetune(_TokenizerTask):
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         transformer.bind(tokenizer.quantize)
+        transformer.head.check_tokens(tokenizer.quantize)
         self.transformer, self.labels, self.regularizer, self.refiner = transformer, labels, regularizer, refiner
         self.scale_predictor = None if scale_predictor is None else bind_predictor(scale_predictor, self.tokenizer)
         self.postprocess = postprocess
@@ -303,7 +306,7 @@ class ARFinetune(_TokenizerTask):
         with torch.no_grad():
             idx_hat = logits[:, -n_last:].argmax(-1)
             code = self.quantizer.codes(idx_hat, K - 1)  # (B, d, pn, pn)
-            rest = f.float() - self.quantizer.indices_to_fhat(tokens, upto=K - 1)
+            rest = self.tokenizer.final_latent(f).float() - self.quantizer.indices_to_fhat(tokens, upto=K - 1)
             target = rearrange(rest - code, "b d h w -> b (h w) d")
         code_embed = self.transformer.word_embed(rearrange(code, "b d h w -> b (h w) d"))
         return self.refiner.loss(h[:, -n_last:], code_embed, target)

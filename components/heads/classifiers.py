@@ -50,6 +50,12 @@ class IndexHead(Head):
         self.head_nm = AdaLNBeforeHead(width, cond_dim)
         self.head = nn.Linear(width, self.vocab_size)
 
+    def check_tokens(self, quantizer) -> None:
+        if quantizer.token_kind != "index":
+            raise ValueError(f"IndexHead scores codebook indices but {type(quantizer).__name__} gives {quantizer.token_kind}: use BitwiseHead")
+        if quantizer.vocab_size != self.vocab_size:
+            raise ValueError(f"IndexHead vocab_size {self.vocab_size} != the tokenizer's codebook size {quantizer.vocab_size}")
+
     @torch.no_grad()
     def init_weights(self, init_head: float, init_adaln: float) -> None:
         self.head.weight.mul_(init_head)
@@ -77,6 +83,12 @@ class BitwiseHead(IndexHead):
     def __init__(self, bits: int = 32):
         super().__init__(vocab_size=2 * bits)
         self.bits = bits
+
+    def check_tokens(self, quantizer) -> None:
+        if quantizer.token_kind != "bits":
+            raise ValueError(f"BitwiseHead predicts bits but {type(quantizer).__name__} gives {quantizer.token_kind} tokens: use IndexHead")
+        if quantizer.token_dim != self.bits:
+            raise ValueError(f"BitwiseHead bits {self.bits} != the tokenizer's {quantizer.token_dim} bits per token")
 
     def forward(self, h: Tensor, cond: Tensor) -> Tensor:
         return rearrange(super().forward(h, cond), "b n (d two) -> b n d two", two=2)  # (B, N, d, 2)

@@ -57,7 +57,7 @@ class Pyramid:
 
 
 class MultiScaleBSQ(Quantizer):
-    """Multi-scale residual BSQ (Infinity).
+    """Multi-scale residual BSQ (Infinity). Tokens are bits; NSARM's substitution is supported.
 
     Args:
         dim: latent channels d = bits per VAE cell (32 for d32, 14 for Infinity-8B's VAE).
@@ -91,6 +91,7 @@ class MultiScaleBSQ(Quantizer):
         bsc_strength: float = 0.3,
     ):
         super().__init__()
+        self.token_kind, self.substitutable = "bits", True
         if not 0 <= bsc_strength <= 1:
             raise ValueError(f"bsc_strength {bsc_strength} is a flip probability: use a value in [0, 1]")
         self.dim, self.patchify, self.next_input = dim, patchify, next_input
