@@ -20,6 +20,7 @@ from arsr.nn.transformer import NextScaleTransformer
 from arsr.postprocess import PostProcess
 from arsr.sampling import sample_scales
 from arsr.nn.vae import VQVAE
+from arsr.parallel import parallelize
 from arsr.predict import tiled_fhat
 
 from .base import ARSRTask, adamw
@@ -181,7 +182,9 @@ class ARFinetune(_TokenizerTask):
             validation, ``arsr predict`` and ``arsr test`` (sample_cfg None: the label policy's
             cfg, or no guidance without labels). The meaning of cfg is the backbone's: VAR's
             strength rising over scales (0 = off), Infinity's cfg * cond + (1 - cfg) * uncond (1 = off).
-        activation_checkpointing: wrap every block under FSDP2 (ModelParallelStrategy).
+        activation_checkpointing: recompute every block in the backward pass.
+        compile: ``torch.compile`` every block.
+        fsdp_bf16_params: under FSDP2, compute with bf16 parameters (fp32 gradient reduction).
         scale, upsample_mode: SR factor and how the LR image is resized to the HR size at inference.
         tile_overlap, tile_batch: latent-space tiling for inputs of any size (overlap in latent
             cells; tiles per forward).
@@ -211,6 +214,8 @@ class ARFinetune(_TokenizerTask):
         sample_top_p: float = 0.0,
         val_samples: int = 4,
         activation_checkpointing: bool = False,
+        compile: bool = False,
+        fsdp_bf16_params: bool = False,
         scale: int = 4,
         upsample_mode: Literal["bicubic", "bilinear"] = "bicubic",
         sample_cfg: float | None = None,
@@ -232,7 +237,7 @@ class ARFinetune(_TokenizerTask):
             transformer.conditioning.attach_tokenizer(self.tokenizer)
         self.scale_weighting, self.ce_on_substituted = scale_weighting, ce_on_substituted
         self.sample_top_k, self.sample_top_p, self.val_samples = sample_top_k, sample_top_p, val_samples
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing, self.compile_blocks, self.fsdp_bf16_params = activation_checkpointing, compile, fsdp_bf16_params
         self.init_strict, self.prompt = init_strict, prompt
         self.scale, self.upsample_mode, self.sample_cfg = scale, upsample_mode, sample_cfg
         self.sample_temperature, self.seed, self.tile_overlap, self.tile_batch = sample_temperature, seed, tile_overlap, tile_batch
@@ -267,25 +272,16 @@ class ARFinetune(_TokenizerTask):
         return self.labels(batch) if self.labels is not None else torch.zeros(n, dtype=torch.long, device=self.device)
 
     def configure_model(self) -> None:
-        """FSDP2 under Lightning's ModelParallelStrategy: activation checkpointing (optional) and
-        ``fully_shard`` per transformer block, then per trainable part; the frozen tokenizer is
-        replicated. Other strategies (DDP, single device) leave the model as it is."""
-        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
-        if mesh is None or getattr(self, "_sharded", False):
+        """:func:`arsr.parallel.parallelize`: activation checkpointing and compile per block, then (under
+        Lightning's ModelParallelStrategy) FSDP2 ``fully_shard`` per block and per trainable part; the
+        frozen tokenizer is replicated. Runs once."""
+        if getattr(self, "_parallelized", False):
             return
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-        from torch.distributed.fsdp import fully_shard
-
-        dp = mesh["data_parallel"]
-        blocks = self.transformer.blocks
-        for i, block in enumerate(blocks):
-            if self.activation_checkpointing:
-                blocks[i] = block = checkpoint_wrapper(block)
-            fully_shard(block, mesh=dp)
-        for part in (self.transformer, self.refiner, self.scale_predictor, self.regularizer):
-            if part is not None and any(p.requires_grad for p in part.parameters()):
-                fully_shard(part, mesh=dp)
-        self._sharded = True
+        mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
+        parallelize(self.transformer.blocks, (self.transformer, self.refiner, self.scale_predictor, self.regularizer),
+                    None if mesh is None else mesh["data_parallel"], self.activation_checkpointing, self.compile_blocks,
+                    torch.bfloat16 if mesh is not None and self.fsdp_bf16_params else None)
+        self._parallelized = True
 
     def targets(self, hr: Tensor, lr: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
         """-> tokens per scale, teacher-forcing inputs, latent f. With a scale predictor (NSARM
