@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from arsr import schedules
 from arsr.interfaces import Head, TextConditioning
+from arsr.nn.attention import AttentionImpl, block_causal_mask
 from arsr.nn.transformer import FFN, SelfAttention
 from arsr.sampling import StepState
 
@@ -125,6 +126,7 @@ class InfinityTransformer(nn.Module):
         drop_path: stochastic depth rising linearly from 0 to this over the blocks.
         init_adaln, init_adaln_gamma, init_head: Infinity's ``aln``, ``alng``, ``hd0``.
         schedule: the default scale schedule; the task re-binds it to the tokenizer's.
+        attention: training attention kernel: ``sdpa``, ``flex`` (BlockMask), ``auto`` (flex on CUDA).
     """
 
     def __init__(
@@ -146,8 +148,10 @@ class InfinityTransformer(nn.Module):
         init_adaln_gamma: float = 5e-6,
         init_head: float = 0.02,
         schedule: schedules.ScheduleSpec = "1M",
+        attention: AttentionImpl = "auto",
     ):
         super().__init__()
+        self.attention = attention
         if text_channels % 128:
             raise ValueError(f"text_channels {text_channels} must be a multiple of 128 (the text pool has text_channels / 128 heads)")
         if text is not None and text.dim != text_channels:
@@ -268,10 +272,6 @@ class InfinityTransformer(nn.Module):
             x = block(x, state.extra["gss"], state.extra["text"], mask, rope)
         return x
 
-    def block_causal_mask(self, device) -> Tensor:
-        lv = self.lvl_1L.to(device)
-        return torch.where(lv[:, None] >= lv[None, :], 0.0, float("-inf"))
-
     def embed(self, inputs: Tensor) -> Tensor:
         """Next-scale inputs (B, N, token_dim) -> (B, N, C)."""
         return self.word_embed(inputs.float())
@@ -287,7 +287,7 @@ class InfinityTransformer(nn.Module):
             drop = torch.rand(feats.shape[0], device=feats.device) < self.cond_drop
         state = self.condition(feats, mask, drop)
         x = torch.cat([self.start_tokens(state), self.embed(inputs)], dim=1)
-        h = self.run_blocks(x, state, 0, self.block_causal_mask(x.device))
+        h = self.run_blocks(x, state, 0, block_causal_mask(self.lvl_1L.to(x.device), self.attention, x.dtype))
         logits = self.head(h, state.cond)
         return (logits, h) if return_hidden else logits
 
@@ -313,7 +313,7 @@ class InfinityTransformer(nn.Module):
         seq.append(x)
         x_all = torch.cat(seq, dim=1)
         L = x_all.shape[1]
-        return self.run_blocks(x_all, state, 0, self.block_causal_mask(x.device)[:L, :L])[:, -x.shape[1]:]
+        return self.run_blocks(x_all, state, 0, block_causal_mask(self.lvl_1L[:L].to(x.device), "sdpa", x.dtype))[:, -x.shape[1]:]
 
     @contextmanager
     def kv_cache(self):

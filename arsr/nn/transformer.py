@@ -23,6 +23,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from arsr.interfaces import Conditioning, Head, Layout, PositionalEncoding, Quantizer, TextConditioning
+from arsr.nn.attention import AttentionImpl, attend, block_causal_mask
 from arsr.sampling import StepState, sample_scales
 
 
@@ -59,7 +60,7 @@ class SelfAttention(nn.Module):
             if "k" in self.cache:
                 k, v = torch.cat([self.cache["k"], k], 2), torch.cat([self.cache["v"], v], 2)
             self.cache["k"], self.cache["v"] = k, v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = attend(q, k, v, mask, scale)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -142,6 +143,8 @@ class NextScaleTransformer(nn.Module):
         init_adaln_gamma: scale of the AdaLN gamma rows at init (VAR's --alng).
         shared_aln: one AdaLN projection shared by all blocks plus a learned per-block offset
             (VAR-d36's ``shared_ada_lin`` / ``ada_gss``).
+        attention: training attention kernel: ``sdpa`` (dense block-causal mask), ``flex``
+            (FlexAttention BlockMask), ``auto`` (flex on CUDA).
     """
 
     def __init__(
@@ -164,8 +167,10 @@ class NextScaleTransformer(nn.Module):
         init_adaln_gamma: float = 1e-5,
         init_head: float = 0.02,
         shared_aln: bool = False,
+        attention: AttentionImpl = "auto",
     ):
         super().__init__()
+        self.attention = attention
         width = width or 64 * depth
         heads = heads or depth
         self.layout = Layout(width, heads, latent_dim, tuple(patch_nums), conditioning.prefix_grids if conditioning else ())
@@ -285,7 +290,8 @@ class NextScaleTransformer(nn.Module):
         prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
         x = torch.cat([self.first_block(cond, prefix), self.word_embed(inputs.to(self.word_embed.weight.dtype))], dim=1)
         x = self._add_position(x, 0)
-        h = self.run_blocks(x, cond, 0, self.mask(x.device).to(x.dtype), text)[:, self.layout.prefix_len :]
+        mask = block_causal_mask(self.lvl_1L[0].to(x.device), self.attention, x.dtype)
+        h = self.run_blocks(x, cond, 0, mask, text)[:, self.layout.prefix_len :]
         logits = self.head(h, cond)
         return (logits, h) if return_hidden else logits
 
