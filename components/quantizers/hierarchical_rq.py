@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from arsr.interfaces import QuantOutput
+from arsr.interfaces import Quantizer, QuantOutput
 
 from .multiscale_vq import MultiScaleVQ, area_down, bicubic_up
 
@@ -46,6 +46,8 @@ class HierarchicalRQ(MultiScaleVQ):
         self.last_step = tuple(sum(1 for pn in self.patch_nums if pn <= s) for s in self.target_sides)
         if len(set(self.last_step)) != len(self.last_step) or self.last_step[0] == 0:
             raise ValueError(f"every target side in {target_sides} must add at least one step of {patch_nums}")
+
+    teacher = Quantizer.teacher  # steps reuse earlier scales' codes: the generic path, not MultiScaleVQ's walk
 
     @property
     def output_steps(self) -> tuple[int, ...]:

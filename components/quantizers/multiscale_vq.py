@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from arsr.interfaces import Quantizer, QuantOutput
+from arsr.interfaces import Quantizer, QuantOutput, TeacherForcing
 
 # scale -> Phi index for VAR's 4 shared Phis; 10 scales has a float64 tie at si = 2 that the
 # official code resolves to 1, so tables are written down rather than recomputed
@@ -136,6 +136,20 @@ class MultiScaleVQ(Quantizer):
         for si, idx in enumerate(indices[:upto]):
             f_hat = f_hat + self.phi(si, bicubic_up(self.embed(idx, self.patch_nums[si]), H))
         return f_hat
+
+    @torch.no_grad()
+    def teacher(self, f: Tensor, substituted: list[Tensor] = (), corrupt: bool = False) -> TeacherForcing:
+        """Tokens and teacher-forcing inputs in one walk: each scale's input is the running f_hat
+        area-downsampled (the same values as :meth:`step_input`, without re-accumulating)."""
+        if len(substituted):
+            return super().teacher(f, substituted, corrupt)
+        tokens, inputs, f_hat = [], [], 0
+        for si, idx, h in self._walk(f):
+            tokens.append(idx)
+            f_hat = f_hat + h
+            if si + 1 < len(self.patch_nums):
+                inputs.append(rearrange(area_down(f_hat, self.patch_nums[si + 1]), "b c h w -> b (h w) c"))
+        return TeacherForcing(tokens, torch.cat(inputs, 1))
 
     def step_input(self, tokens: list[Tensor]) -> Tensor:
         """Scale k sees everything accumulated up to scale k-1, area-downsampled to its size."""
