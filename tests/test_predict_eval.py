@@ -97,6 +97,18 @@ def tiny_msvar():
     return ARFinetune(tr, tok, DegradationClasses(), tile_overlap=2).eval()
 
 
+def test_test_step_scores_every_output(tiny_msvar):
+    """MSVAR emits 1x / 2x / 4x: each is scored against the HR resized to its size."""
+    logged = {}
+    tiny_msvar.log = lambda name, value, **k: logged.__setitem__(name, float(value))
+    hr = torch.rand(2, 3, 32, 32)
+    lr = torch.nn.functional.interpolate(hr, size=(8, 8), mode="area")
+    tiny_msvar.test_step({"hr": hr, "lr": lr, "lr_up": torch.nn.functional.interpolate(lr, size=(32, 32), mode="bicubic").clamp(0, 1)}, 0)
+    # SSIM needs its 11x11 window inside the border-cropped image: not on the 8 px 1x output
+    assert set(logged) == {"test/psnr_y", "test/ssim_y", "test/psnr_y_x1", "test/psnr_y_x2", "test/ssim_y_x2"}
+    assert all(v == v for v in logged.values())  # finite numbers, not NaN
+
+
 def test_multiscale_outputs_have_1x_2x_4x_sizes(tiny_msvar):
     outs = tiny_msvar.super_resolve_any(torch.rand(1, 3, 8, 8))  # native size: 8 px LR -> 32 px
     assert [o.shape[-1] for o in outs] == [8, 16, 32]

@@ -409,20 +409,30 @@ class ARFinetune(_TokenizerTask):
         return {"name": batch["name"], "outputs": [o[0] for o in outs]}
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        """PSNR / SSIM on Y of every output the model emits: the final one as ``test/psnr_y``, earlier
+        ones (MSVAR's 1x / 2x) as ``test/psnr_y_x{m}`` against the HR resized to their size."""
         if "skipped" in batch:
             return
         if "lr" in batch and batch["lr"].ndim == 3:  # paired folders: one image of any size
-            sr, hr = self.super_resolve_any(batch["lr"][None].to(self.device), batch.get("caption"))[-1], batch["hr"][None].to(self.device)
+            lr = batch["lr"][None].to(self.device)
+            outs, hr = self.super_resolve_any(lr, batch.get("caption")), batch["hr"][None].to(self.device)
         else:  # shards: degraded on the fly at the native size
-            hr = batch["hr"]
+            lr, hr = batch["lr"], batch["hr"]
             g = torch.Generator(device=hr.device).manual_seed(self.seed)
-            sr = (self.super_resolve(batch["lr_up"] * 2 - 1, generator=g, captions=batch.get("caption"), lr=batch["lr"] * 2 - 1)[-1] + 1) / 2
-            sr = self.finish(sr, batch["lr"])
-        if sr.shape != hr.shape:
-            raise ValueError(f"SR {tuple(sr.shape[-2:])} and HR {tuple(hr.shape[-2:])} differ: is the HR {self.scale}x the LR?")
+            outs = [(o + 1) / 2 for o in self.super_resolve(batch["lr_up"] * 2 - 1, generator=g, captions=batch.get("caption"), lr=lr * 2 - 1)]
+            outs[-1] = self.finish(outs[-1], lr)
+        if outs[-1].shape != hr.shape:
+            raise ValueError(f"SR {tuple(outs[-1].shape[-2:])} and HR {tuple(hr.shape[-2:])} differ: is the HR {self.scale}x the LR?")
         bs = hr.shape[0]
-        self.log("test/psnr_y", psnr(sr, hr, crop_border=self.scale).mean(), batch_size=bs)
-        self.log("test/ssim_y", ssim(sr, hr, crop_border=self.scale).mean(), batch_size=bs)
+        for i, sr in enumerate(outs):
+            final = i == len(outs) - 1
+            mag = round(sr.shape[-1] / lr.shape[-1])
+            ref = hr if final else F.interpolate(hr, size=sr.shape[-2:], mode="bicubic", antialias=True).clamp(0, 1)
+            suffix = "" if final else f"_x{mag}"
+            crop = max(mag, 1)
+            self.log(f"test/psnr_y{suffix}", psnr(sr, ref, crop_border=crop).mean(), batch_size=bs)
+            if min(sr.shape[-2:]) - 2 * crop >= 11:  # SSIM's 11x11 window must fit
+                self.log(f"test/ssim_y{suffix}", ssim(sr, ref, crop_border=crop).mean(), batch_size=bs)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         hr, lr = self.images(batch)
