@@ -163,3 +163,50 @@ def test_pair_pool_fills_then_swaps():
     assert sorted(seen + held) == sorted(v for b in batches for v in b["hr"].flatten().tolist())
     with pytest.raises(ValueError, match="multiple of the batch size"):
         PairPool(5)(batches[0])
+
+
+def _mixed_folder(src, n=10):
+    (src / "sub").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rand_rgb(24 + i, 30, i)).save(src / ("sub" if i % 3 else ".") / f"{i}.png")
+    (src / "broken.png").write_bytes(BAD["corrupt"][0])
+    (src / "gray.png").write_bytes(BAD["gray"][0])
+    return src
+
+
+def test_workers_write_the_same_shards(tmp_path):
+    """--workers 2 gives the same shard bytes (hence samples, keys, order, index) as --workers 1."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    src = _mixed_folder(tmp_path / "src")
+    spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
+    make_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_shards)
+    outs = {}
+    for w in (1, 2):
+        assert make_shards.main(["--src", str(src), "--out_dir", str(tmp_path / f"w{w}"), "--prefix", "t",
+                                 "--max_shard_count", "4", "--workers", str(w), "--progress", "false"]) == 0
+        outs[w] = sorted(p.name for p in (tmp_path / f"w{w}").iterdir())
+    assert outs[1] == outs[2] == ["t-000000.tar", "t-000001.tar", "t-000002.tar", "t-shardindex.json"]
+    for name in outs[1]:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
+    samples = _read_all([str(tmp_path / "w2" / n) for n in outs[2][:3]])
+    assert [s["__key__"] for s in samples] == [f"{k:08d}" for k in range(11)]  # 10 + gray (converted), broken skipped
+
+
+def test_val_fraction_splits_by_path_hash(tmp_path):
+    from arsr.data.shards import in_val_split
+
+    src = _mixed_folder(tmp_path / "src", n=30)
+    report = pack_folder(src, tmp_path / "out", prefix="train", val_fraction=0.3, workers=2, progress=False)
+    assert report.written + report.val_written == 31 and 0 < report.val_written < 31 and "validation samples" in str(report)
+    train = {json.loads(s["json"])["source"] for s in _read_all(report.shards)}
+    val = {json.loads(s["json"])["source"] for s in _read_all(report.val_shards)}
+    assert not train & val and val == {s for s in train | val if in_val_split(s, 0.3)}
+    assert report.val_shards == [str(tmp_path / "out" / "val-000000.tar")] and (tmp_path / "out" / "val-shardindex.json").is_file()
+    again = pack_folder(src, tmp_path / "again", prefix="train", val_fraction=0.3, progress=False)  # 1 worker: same split
+    assert {json.loads(s["json"])["source"] for s in _read_all(again.val_shards)} == val
+    with pytest.raises(ValueError, match="val_fraction"):
+        pack_folder(src, tmp_path / "x", val_fraction=1.0, progress=False)

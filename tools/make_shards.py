@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Pack an image folder into WebDataset shards.
 
-    python tools/make_shards.py --src photos/ --out_dir shards/ --prefix train --max_shard_bytes 500000000
+    python tools/make_shards.py --src photos/ --out_dir shards/ --prefix train --max_shard_bytes 500000000 \\
+        [--workers 8] [--val_fraction 0.01 --val_prefix val]
 
 Recursive over png/jpg/webp; ``<stem>.txt`` beside an image is its caption; quality labels from
 ``--labels_csv`` (``relpath,positive|negative``) or a ``positive/``/``negative/`` folder.
-Prints a summary of what was written, converted and skipped (and why).
+``--workers N`` decodes and checks images in N processes; the shards are the same as with one.
+``--val_fraction`` sends a deterministic share (by a hash of each relative path) to ``val-*.tar``.
+Prints a progress bar (images/s) and a summary of what was written, converted and skipped (and why).
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_shards: error: {e}", file=sys.stderr)
         return 2
     print(report)
-    for shard in report.shards:
+    for shard in report.shards + report.val_shards:
         print(f"  {shard}")
-    return 0 if report.written else 1
+    return 0 if report.written + report.val_written else 1
 
 
 if __name__ == "__main__":
