@@ -8,10 +8,17 @@ Collapse < 0.5 x mean (arsr's defaults, configurable; the counts are cumulative,
 is also Poor and Deficient). The same counts, mean and variance are given per metric (mirrored,
 > mean / fraction, for lower-is-better metrics). Without an HR folder (a no-reference test set
 such as RP60) the full-reference metrics are skipped and listed as such.
+
+Comparisons (``compare_methods``) evaluate several SR folders (methods) on one dataset and count
+each method's cases against the *global* mean of the metric over all compared methods, as NSARM
+defines them (its Eq. 7 constants did not survive in the text: the thresholds are configurable,
+0.9 / 0.75 / 0.5 by default); they write per-method tables (Markdown, CSV, JSON) and figures:
+sorted per-image curves overlaid with the thresholds, per-metric distributions, worst cases.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from arsr.data.samples import IMAGE_EXTENSIONS, BadSample, image_tensor
 from arsr.metrics import LearnedMetrics, psnr, ssim
@@ -31,13 +39,23 @@ PERCEPTUAL = {"clipiqa": 1.0, "musiq": 100.0, "maniqa": 1.0, "topiq_nr": 1.0}  #
 FULL_REFERENCE = ("psnr_y", "ssim_y", "lpips", "dists", "fid")
 
 
-def robustness(scores: list[float], lower_is_better: bool, levels: dict[str, float] = LEVELS) -> dict:
+def robustness(scores: list[float], lower_is_better: bool, levels: dict[str, float] = LEVELS,
+               reference: float | None = None) -> dict:
+    """Mean, variance, std, min, max and, per case, how many scores fall below ``fraction x reference``
+    (above ``reference / fraction`` when lower is better); ``reference`` defaults to the scores' own mean
+    (a comparison passes the global mean over all methods)."""
     x = np.asarray(scores, dtype=np.float64)
     mean = float(x.mean())
-    out = {"mean": mean, "variance": float(x.var()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}
+    ref = mean if reference is None else reference
+    out = {"n": int(x.size), "mean": mean, "variance": float(x.var()), "std": float(x.std()), "min": float(x.min()), "max": float(x.max())}
     for name, frac in levels.items():
-        out[name] = int((x > mean / frac).sum()) if lower_is_better else int((x < mean * frac).sum())
+        out[name] = int((x > ref / frac).sum()) if lower_is_better else int((x < ref * frac).sum())
     return out
+
+
+def thresholds(reference: float, lower_is_better: bool, levels: dict[str, float]) -> dict[str, float]:
+    """Case -> the score beyond which an image counts."""
+    return {k: reference / f if lower_is_better else reference * f for k, f in levels.items()}
 
 
 def add_perceptual(per_image: dict[str, dict[str, float]], divisors: dict[str, float]) -> list[str]:
@@ -52,6 +70,7 @@ def add_perceptual(per_image: dict[str, dict[str, float]], divisors: dict[str, f
 @dataclass
 class Report:
     per_image: dict[str, dict[str, float]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # image name -> SR file
     skipped: dict[str, str] = field(default_factory=dict)
     metrics_skipped: dict[str, str] = field(default_factory=dict)
     fid: float | None = None
@@ -92,46 +111,54 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-def plot_sorted_scores(report: Report, path: Path, size: tuple[int, int] = (640, 360)) -> None:
-    """One panel per metric: scores sorted from best to worst, with the mean as a dashed line."""
-    s = report.summary()
-    metrics = list(s)
-    w, h = size
-    panel_h = h
-    img = Image.new("RGB", (w, panel_h * max(len(metrics), 1)), "white")
-    draw = ImageDraw.Draw(img)
-    for i, m in enumerate(metrics):
-        vals = sorted((v[m] for v in report.per_image.values() if m in v), reverse=m not in LOWER_IS_BETTER)
-        top, left, right, bottom = i * panel_h + 24, 50, w - 10, (i + 1) * panel_h - 20
-        lo, hi = min(vals), max(vals)
-        hi = hi if hi > lo else lo + 1
-        y = lambda v: bottom - (v - lo) / (hi - lo) * (bottom - top)
-        x = lambda k: left + k / max(len(vals) - 1, 1) * (right - left)
-        draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text((left, top - 18), f"{m} sorted per image (n={len(vals)}), mean {s[m]['mean']:.3f}", fill="black")
-        draw.text((2, top), f"{hi:.3g}", fill="black")
-        draw.text((2, bottom - 10), f"{lo:.3g}", fill="black")
-        draw.line([(x(k), y(v)) for k, v in enumerate(vals)] if len(vals) > 1 else [(left, y(vals[0])), (right, y(vals[0]))], fill="blue", width=2)
-        ym = y(s[m]["mean"])
-        for xs in range(left, right, 12):
-            draw.line([(xs, ym), (min(xs + 6, right), ym)], fill="red")
-    img.save(path)
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+CASE_COLORS = ("tab:orange", "tab:red", "darkred", "purple", "gray")
+
+
+def plot_sorted_curves(reports: dict[str, Report], path: Path, metrics: list[str], means: dict[str, float],
+                       levels: dict[str, float], panel: tuple[float, float] = (6.4, 3.6)) -> None:
+    """One panel per metric: each method's per-image scores sorted from best to worst (overlaid),
+    the global mean and the case thresholds as horizontal lines. ``panel`` in inches at 100 dpi."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(panel[0], panel[1] * len(metrics)), dpi=100, squeeze=False)
+    for ax, m in zip(axes[:, 0], metrics):
+        low = m in LOWER_IS_BETTER
+        for method, rep in reports.items():
+            vals = sorted((v[m] for v in rep.per_image.values() if m in v), reverse=not low)
+            if vals:
+                ax.plot(range(1, len(vals) + 1), vals, marker="o" if len(vals) <= 60 else None, ms=3, label=method)
+        ax.axhline(means[m], color="black", lw=1, label=f"global mean {means[m]:.4g}")
+        for (case, t), color in zip(thresholds(means[m], low, levels).items(), CASE_COLORS):
+            ax.axhline(t, color=color, ls="--", lw=1, label=f"{case.capitalize()} {'>' if low else '<'} {t:.4g}")
+        ax.set_title(f"{m} ({'lower' if low else 'higher'} is better), sorted best to worst", fontsize=9)
+        ax.set_xlabel("image rank")
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def plot_perceptual_curve(report: Report, path: Path) -> None:
     """NSARM's robustness curve: per-image perceptual scores sorted from best to worst, the mean and
     the Deficient / Poor / Collapse thresholds as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     r = report.summary()["perceptual"]
     vals = sorted((v["perceptual"] for v in report.per_image.values()), reverse=True)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(range(1, len(vals) + 1), vals, marker="o" if len(vals) <= 60 else None, ms=3, label="perceptual score")
     ax.axhline(r["mean"], color="black", lw=1, label=f"mean {r['mean']:.3f}")
-    for (name, frac), color in zip(report.levels.items(), ("tab:orange", "tab:red", "darkred", "purple", "gray")):
+    for (name, frac), color in zip(report.levels.items(), CASE_COLORS):
         ax.axhline(frac * r["mean"], color=color, ls="--", lw=1, label=f"{name.capitalize()} < {frac} x mean: {r[name]}")
     ax.set_xlabel("images, sorted by perceptual score")
     ax.set_ylabel("perceptual score")
@@ -191,13 +218,15 @@ def add_no_reference(metrics: LearnedMetrics, specs: dict[str, str | dict | Call
 
 
 def evaluate_folders(sr_dir: str, hr_dir: str | None = None, crop_border: int = 4, metrics: LearnedMetrics | None = None,
-                     perceptual: dict[str, float] = PERCEPTUAL, levels: dict[str, float] = LEVELS) -> Report:
+                     perceptual: dict[str, float] = PERCEPTUAL, levels: dict[str, float] = LEVELS,
+                     progress: bool = True, desc: str | None = None) -> Report:
     """Score every ``sr_dir/<name>.*``: against ``hr_dir/<name>.*`` when an HR folder is given,
     with the no-reference metrics only otherwise.
 
     Args:
         perceptual: no-reference metric -> divisor; their per-image mean is the perceptual score.
         levels: case name -> fraction of the global mean below which an image counts.
+        progress: a progress bar (stderr), labelled ``desc`` (default: the folder).
     """
     sr_dir = Path(sr_dir)
     for d in (sr_dir, hr_dir):
@@ -218,7 +247,8 @@ def evaluate_folders(sr_dir: str, hr_dir: str | None = None, crop_border: int = 
         for m in FULL_REFERENCE:
             report.metrics_skipped[m] = "no HR folder (no-reference evaluation)"
     hr_files = {p.stem: p for p in Path(hr_dir).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS} if hr_dir else {}
-    for sr_path in sorted(p for p in sr_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+    sr_files = sorted(p for p in sr_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    for sr_path in tqdm(sr_files, desc=desc or str(sr_dir), unit="img", disable=not progress):
         name = sr_path.stem
         if hr_dir is not None and name not in hr_files:
             report.skipped[name] = f"no HR image named {name}.* in {hr_dir}"
@@ -237,9 +267,12 @@ def evaluate_folders(sr_dir: str, hr_dir: str | None = None, crop_border: int = 
             scores = {"psnr_y": float(psnr(sr, hr, crop_border)[0]), "ssim_y": float(ssim(sr, hr, crop_border)[0])}
         scores |= {k: float(v[0]) for k, v in metrics.update(sr, hr).items()}
         report.per_image[name] = scores
+        report.files[name] = str(sr_path)
     if not report.per_image:
         raise ValueError(f"no image of {sr_dir} could be evaluated: {report.skipped}")
     report.fid = metrics.compute_fid() if hr_dir is not None else None
+    if metrics.fid is not None:
+        metrics.fid.reset()  # the next folder starts its own FID
     used = add_perceptual(report.per_image, perceptual)
     if used:
         report.conventions["perceptual"] = "perceptual = mean(" + ", ".join(
@@ -257,8 +290,174 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
     paths = {"json": out / "report.json", "markdown": out / "report.md", "plot": out / "sorted_scores.png"}
     paths["json"].write_text(json.dumps(report.to_json(), indent=2))
     paths["markdown"].write_text(report.to_markdown())
-    plot_sorted_scores(report, paths["plot"])
+    s = report.summary()
+    plot_sorted_curves({"SR": report}, paths["plot"], list(s), {m: r["mean"] for m, r in s.items()}, report.levels)
     if any("perceptual" in s for s in report.per_image.values()):
         paths["curve"] = out / "perceptual_curve.png"
         plot_perceptual_curve(report, paths["curve"])
+    return paths
+
+
+@dataclass
+class Comparison:
+    """Several methods' reports on one dataset; cases are counted against each metric's global mean
+    (all images of all methods pooled)."""
+
+    reports: dict[str, Report]
+    hr_dir: str | None = None
+    levels: dict[str, float] = field(default_factory=lambda: dict(LEVELS))
+
+    def metrics(self) -> list[str]:
+        """Per-image metrics of any method, the perceptual score first."""
+        names = sorted({m for r in self.reports.values() for s in r.per_image.values() for m in s})
+        return sorted(names, key=lambda m: m != "perceptual")
+
+    def global_means(self) -> dict[str, float]:
+        return {m: float(np.mean([s[m] for r in self.reports.values() for s in r.per_image.values() if m in s]))
+                for m in self.metrics()}
+
+    def summary(self) -> dict[str, dict[str, dict]]:
+        """method -> metric -> ``robustness`` against the global mean (+ ``global_mean``)."""
+        means = self.global_means()
+        out: dict[str, dict[str, dict]] = {}
+        for method, rep in self.reports.items():
+            out[method] = {}
+            for m in self.metrics():
+                vals = [s[m] for s in rep.per_image.values() if m in s]
+                if vals:
+                    out[method][m] = robustness(vals, m in LOWER_IS_BETTER, self.levels, means[m]) | {"global_mean": means[m]}
+        return out
+
+    def key_metric(self) -> str:
+        """The metric that ranks worst cases: the perceptual score, else PSNR-Y, else the first."""
+        ms = self.metrics()
+        return next((m for m in ("perceptual", "psnr_y") if m in ms), ms[0])
+
+    def worst(self, method: str, k: int) -> list[tuple[str, float]]:
+        m = self.key_metric()
+        scores = [(name, s[m]) for name, s in self.reports[method].per_image.items() if m in s]
+        return sorted(scores, key=lambda t: t[1], reverse=m in LOWER_IS_BETTER)[:k]
+
+    def to_json(self) -> dict:
+        return {"hr_dir": self.hr_dir, "levels": self.levels, "global_means": self.global_means(), "summary": self.summary(),
+                "fid": {k: r.fid for k, r in self.reports.items()}, "methods": {k: r.to_json() for k, r in self.reports.items()}}
+
+    def csv_rows(self) -> list[dict]:
+        return [{"method": method, "metric": m, **r} for method, per in self.summary().items() for m, r in per.items()]
+
+    def to_markdown(self) -> str:
+        s, means, ms = self.summary(), self.global_means(), self.metrics()
+        arrow = lambda m: "↓" if m in LOWER_IS_BETTER else "↑"
+        lines = ["# arsr comparison", "",
+                 f"{len(self.reports)} methods against {self.hr_dir or 'no HR folder (no-reference metrics only)'}.", "",
+                 "## Mean (variance) per metric", "",
+                 "| method | images | " + " | ".join(f"{m} {arrow(m)}" for m in ms) + (" | FID ↓ |" if self._has_fid() else " |"),
+                 "|---|---|" + "---|" * (len(ms) + self._has_fid())]
+        for method, rep in self.reports.items():
+            cells = [f"{s[method][m]['mean']:.4f} ({s[method][m]['variance']:.3g})" if m in s[method] else "-" for m in ms]
+            fid = [f"{rep.fid:.3f}" if rep.fid is not None else "-"] if self._has_fid() else []
+            lines.append(f"| {method} | {len(rep.per_image)} | " + " | ".join(cells + fid) + " |")
+        lines += ["", "## Robustness against the global mean", "",
+                  "Cases per method: " + ", ".join(f"{k.capitalize()} = below {f} x the global mean" for k, f in self.levels.items())
+                  + " of the metric over all compared methods (above mean / fraction for lower-is-better metrics; cumulative).", ""]
+        for m in ms:
+            t = thresholds(means[m], m in LOWER_IS_BETTER, self.levels)
+            sign = ">" if m in LOWER_IS_BETTER else "<"
+            lines += [f"### {m} {arrow(m)}: global mean {means[m]:.4f}", "",
+                      "| method | n | " + " | ".join(f"{k.capitalize()} ({sign} {v:.4g})" for k, v in t.items()) + " |",
+                      "|---|---|" + "---|" * len(t)]
+            lines += [f"| {method} | {s[method][m]['n']} | " + " | ".join(str(s[method][m][k]) for k in t) + " |"
+                      for method in self.reports if m in s[method]]
+            lines.append("")
+        first = next(iter(self.reports.values()))
+        lines += ["Conventions:"] + [f"- {k}: {v}" for k, v in first.conventions.items() if k != "robustness"]
+        skipped_metrics = {k: v for r in self.reports.values() for k, v in r.metrics_skipped.items()}
+        if skipped_metrics:
+            lines += ["", "Metrics not computed:"] + [f"- {k}: {v}" for k, v in skipped_metrics.items()]
+        for method, rep in self.reports.items():
+            if rep.skipped:
+                lines += ["", f"Images skipped ({method}):"] + [f"- {k}: {v}" for k, v in rep.skipped.items()]
+        return "\n".join(lines) + "\n"
+
+    def _has_fid(self) -> bool:
+        return any(r.fid is not None for r in self.reports.values())
+
+
+def compare_methods(methods: dict[str, str], hr_dir: str | None = None, crop_border: int = 4,
+                    metrics: LearnedMetrics | None = None, perceptual: dict[str, float] = PERCEPTUAL,
+                    levels: dict[str, float] = LEVELS, progress: bool = True) -> Comparison:
+    """Evaluate each method's SR folder (``name -> folder``) against one HR folder, or with the
+    no-reference metrics only when ``hr_dir`` is None; one progress bar per method."""
+    if not methods:
+        raise ValueError("no method to compare: give at least one name=folder")
+    metrics = metrics or LearnedMetrics()
+    reports = {name: evaluate_folders(d, hr_dir, crop_border, metrics, perceptual, levels, progress, desc=name)
+               for name, d in methods.items()}
+    return Comparison(reports, hr_dir, dict(levels))
+
+
+def plot_distributions(cmp: Comparison, path: Path, panel: tuple[float, float] = (6.4, 3.2)) -> None:
+    """One panel per metric: a violin (where a method has two or more distinct scores) and a box per method."""
+    plt = _pyplot()
+    ms, names = cmp.metrics(), list(cmp.reports)
+    fig, axes = plt.subplots(len(ms), 1, figsize=(max(panel[0], 1.2 * len(names)), panel[1] * len(ms)), dpi=100, squeeze=False)
+    for ax, m in zip(axes[:, 0], ms):
+        data = [[s[m] for s in cmp.reports[k].per_image.values() if m in s] for k in names]
+        pos = [i + 1 for i, d in enumerate(data) if len(set(d)) > 1]
+        if pos:
+            ax.violinplot([data[p - 1] for p in pos], positions=pos, showextrema=False)
+        ax.boxplot(data, positions=range(1, len(names) + 1), widths=0.25)
+        ax.set_xticks(range(1, len(names) + 1), names)
+        ax.axhline(cmp.global_means()[m], color="black", lw=1, ls=":", label="global mean")
+        ax.set_ylabel(m)
+        ax.set_title(f"{m} per image ({'lower' if m in LOWER_IS_BETTER else 'higher'} is better)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_worst_cases(cmp: Comparison, path: Path, k: int = 4, thumb: int = 192) -> None:
+    """A grid: one row per method, its ``k`` worst images by the key metric (perceptual score, else
+    PSNR-Y), each titled with its name and score."""
+    plt = _pyplot()
+    m, names = cmp.key_metric(), list(cmp.reports)
+    cols = max(min(k, max(len(r.per_image) for r in cmp.reports.values())), 1)
+    fig, axes = plt.subplots(len(names), cols, figsize=(2.2 * cols, 2.4 * len(names)), dpi=100, squeeze=False)
+    for row, method in zip(axes, names):
+        worst = cmp.worst(method, cols)
+        for j, ax in enumerate(row):
+            ax.axis("off")
+            if j < len(worst):
+                name, score = worst[j]
+                with Image.open(cmp.reports[method].files[name]) as im:
+                    im = im.convert("RGB")
+                    im.thumbnail((thumb, thumb))
+                    ax.imshow(np.asarray(im))
+                ax.set_title(f"{name}\n{m} {score:.4g}", fontsize=7)
+        row[0].text(-0.08, 0.5, method, transform=row[0].transAxes, rotation=90, va="center", ha="right", fontsize=9)
+    fig.suptitle(f"worst {cols} per method by {m}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_comparison(cmp: Comparison, out_dir: str | Path, worst: int = 4) -> dict[str, Path]:
+    """comparison.json, comparison.md, comparison.csv (one row per method and metric) and the figures
+    sorted_curves.png, distributions.png, worst_cases.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "comparison.json", "markdown": out / "comparison.md", "csv": out / "comparison.csv",
+             "curves": out / "sorted_curves.png", "distributions": out / "distributions.png", "worst": out / "worst_cases.png"}
+    paths["json"].write_text(json.dumps(cmp.to_json(), indent=2))
+    paths["markdown"].write_text(cmp.to_markdown())
+    rows = cmp.csv_rows()
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_sorted_curves(cmp.reports, paths["curves"], cmp.metrics(), cmp.global_means(), cmp.levels)
+    plot_distributions(cmp, paths["distributions"])
+    plot_worst_cases(cmp, paths["worst"], worst)
     return paths

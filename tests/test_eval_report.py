@@ -96,3 +96,60 @@ def test_cli_with_a_local_pyiqa_metric(tmp_path, musiq_file, capsys):
         assert scores["perceptual"] == pytest.approx(scores["musiq"] / 100)
     assert summary["musiq"]["variance"] >= 0 and (tmp_path / "rep" / "perceptual_curve.png").is_file()
     assert "skipped psnr_y: no HR folder" in capsys.readouterr().out
+
+
+def _noisy_folder(path, hr_dir, amounts, seed):
+    """SR images = HR + uniform noise of the given amplitude per image (more noise, lower PSNR)."""
+    path.mkdir()
+    for k, a in enumerate(amounts):
+        hr = np.asarray(Image.open(hr_dir / f"im{k}.png")).astype(int)
+        noise = np.random.default_rng(seed + k).integers(-a, a + 1, hr.shape)
+        Image.fromarray(np.clip(hr + noise, 0, 255).astype(np.uint8)).save(path / f"im{k}.png")
+    return path
+
+
+@pytest.mark.parametrize("with_hr", [True, False])
+def test_two_method_comparison(tmp_path, with_hr, monkeypatch):
+    """tools/eval_report.py --sr a=... --sr b=... with and without HR: tables against the global mean, figures."""
+    spec = importlib.util.spec_from_file_location("eval_report", ROOT / "tools" / "eval_report.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    hr = tmp_path / "hr"
+    hr.mkdir()
+    for k in range(4):
+        Image.fromarray(np.random.default_rng(k).integers(60, 200, (32, 32, 3), dtype=np.uint8)).save(hr / f"im{k}.png")
+    good = _noisy_folder(tmp_path / "good", hr, [1, 2, 2, 3], 0)
+    bad = _noisy_folder(tmp_path / "bad", hr, [4, 30, 60, 90], 10)
+    out = tmp_path / "cmp"
+    args = ["--sr", f"good={good}", "--sr", f"bad={bad}", "--out_dir", str(out), "--worst", "2"]
+    if not with_hr:  # a cheap no-reference "metric" through the same path: mean brightness
+        monkeypatch.setattr(tool, "add_no_reference", lambda metrics, specs: add_no_reference(metrics, {"bright": brightness}))
+        args += ["--perceptual", "{bright: 1}"]
+    else:
+        args += ["--hr_dir", str(hr)]
+    assert tool.main(args) == 0
+    paths = {p.name for p in out.iterdir()}
+    assert paths == {"comparison.json", "comparison.md", "comparison.csv", "sorted_curves.png", "distributions.png", "worst_cases.png"}
+    data = json.loads((out / "comparison.json").read_text())
+    md = (out / "comparison.md").read_text()
+    rows = (out / "comparison.csv").read_text().splitlines()
+    assert rows[0].startswith("method,metric,n,mean,variance")
+    if with_hr:
+        s, g = data["summary"], data["global_means"]
+        assert s["good"]["psnr_y"]["mean"] > s["bad"]["psnr_y"]["mean"]
+        per = [v["psnr_y"] for m in ("good", "bad") for v in data["methods"][m]["per_image"].values()]
+        assert g["psnr_y"] == pytest.approx(np.mean(per))  # the global mean pools both methods
+        for m in ("good", "bad"):  # cases counted against the global mean, not the method's own
+            vals = [v["psnr_y"] for v in data["methods"][m]["per_image"].values()]
+            assert s[m]["psnr_y"]["deficient"] == sum(v < 0.9 * g["psnr_y"] for v in vals)
+            assert s[m]["psnr_y"]["variance"] == pytest.approx(np.var(vals))
+        assert s["good"]["psnr_y"]["deficient"] == 0 and s["bad"]["psnr_y"]["deficient"] >= 2
+        assert "| good | 4 |" in md and "### psnr_y ↑: global mean" in md and "Deficient (< " in md
+        assert len(rows) == 1 + 2 * 2  # psnr_y, ssim_y per method
+    else:
+        assert "no HR folder" in md and "psnr_y" not in data["summary"]["good"]
+        assert set(data["summary"]["good"]) == {"bright", "perceptual"} and md.index("### perceptual") < md.index("### bright")
+        assert "skipped" not in data and data["methods"]["bad"]["skipped_metrics"]["psnr_y"] == "no HR folder (no-reference evaluation)"
+    with Image.open(out / "worst_cases.png") as im:
+        assert im.size[1] == 2 * 240  # one row per method
+    assert tool.main(["--sr", f"good={good}", "--sr_dir", str(bad), "--out_dir", str(out)]) == 2
