@@ -100,7 +100,7 @@ def test_combination_trains_a_step_and_samples(name):
     (lambda: dict(transformer=var((1, 2, 4), SARoPE()), tokenizer=tokenizer("vq")), "patch_nums"),
     (lambda: dict(transformer=infinity(), tokenizer=tokenizer("vq")), "BitwiseHead predicts bits"),
     (lambda: dict(transformer=InfinityTransformer(token_dim=16, text_channels=128, depth=1, width=64, heads=4), tokenizer=tokenizer("bsq")),
-     "token_dim 16"),
+     "16 != the tokenizer.s 8"),
     (lambda: dict(transformer=var(PN, SARoPE()), tokenizer=tokenizer("vq"), scale_predictor=TransformationNet(num_scales=2)),
      "needs a quantizer that takes substituted residuals"),
     (lambda: dict(transformer=infinity(), tokenizer=tokenizer("bsq"),
@@ -111,3 +111,13 @@ def test_combination_trains_a_step_and_samples(name):
 def test_impossible_combinations_are_refused_at_build(build, message):
     with pytest.raises(ValueError, match=message):
         ARFinetune(**build())
+
+
+def test_sizes_come_from_the_tokenizer():
+    """Recipes state the schedule, latent width and vocabulary once, on the tokenizer."""
+    tok = tokenizer("vq")
+    task = ARFinetune(NextScaleTransformer(SARoPE(), IndexHead(), depth=2, width=64, heads=4, num_classes=2, null_class=1), tok)
+    assert task.transformer.layout.patch_nums == PN and task.transformer.word_embed.in_features == 8
+    assert task.transformer.head.head.out_features == 64
+    bits = ARFinetune(NextScaleTransformer(SARoPE(), BitwiseHead(), depth=2, width=64, heads=4, num_classes=2, null_class=1), tokenizer("bsq"))
+    assert bits.transformer.head.head.out_features == 16

@@ -132,7 +132,7 @@ def test_bitwise_head_logprob_is_sum_over_bits():
 
 def test_var_d16_layout():
     """Parameter count and key shapes of the official var_d16 (reference facts B.1, B.10)."""
-    m = NextScaleTransformer(AbsolutePerScale(), IndexHead(4096), None, depth=16)
+    m = NextScaleTransformer(AbsolutePerScale(), IndexHead(4096), None, depth=16, latent_dim=32, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
     assert sum(p.numel() for p in m.parameters()) == 310_283_520
     sd = m.state_dict()
     shapes = {"pos_start": (1, 1, 1024), "pos_enc.pos_1LC": (1, 680, 1024), "word_embed.weight": (1024, 32),

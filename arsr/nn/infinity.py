@@ -196,7 +196,8 @@ class InfinityTransformer(nn.Module):
         self.rope = infinity_rope(self.schedule, self.width // self.heads, self.rope_theta)  # derived, never saved
 
     def bind(self, quantizer) -> None:
-        """Take the tokenizer's schedule and check its token width."""
+        """Take the tokenizer's schedule and check its token width and the head."""
+        self.head.check_tokens(quantizer)
         if quantizer.token_dim != self.token_dim:
             raise ValueError(f"InfinityTransformer token_dim {self.token_dim} != the tokenizer's {quantizer.token_dim} bits per token")
         self.bind_schedule(quantizer.schedule)

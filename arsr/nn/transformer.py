@@ -127,8 +127,10 @@ class NextScaleTransformer(nn.Module):
 
     Args:
         depth: number of blocks; width defaults to 64 * depth and heads to depth (VAR's rule).
-        latent_dim: channels of the tokenizer latent (word_embed input).
-        patch_nums: token-map sides per scale (must match the tokenizer's quantizer).
+        latent_dim: channels of the tokenizer latent (word_embed input); None: the tokenizer's (VAR's 32
+            when ``patch_nums`` is given).
+        patch_nums: token-map sides per scale; None: the tokenizer's (recipes state the schedule once,
+            on the quantizer). Given, they are checked against the tokenizer.
         num_classes: rows of ``class_emb`` (VAR 1001 with the null class 1000; VARSR 2 quality
             classes; MSVAR 3: degraded / non-degraded / class-free).
         cond_drop: probability that a training label is replaced by ``null_class`` (CFG).
@@ -156,8 +158,8 @@ class NextScaleTransformer(nn.Module):
         depth: int = 16,
         width: int | None = None,
         heads: int | None = None,
-        latent_dim: int = 32,
-        patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        latent_dim: int | None = None,
+        patch_nums: tuple[int, ...] | None = None,
         num_classes: int = 1001,
         cond_drop: float = 0.1,
         null_class: int | None = 1000,
@@ -173,18 +175,13 @@ class NextScaleTransformer(nn.Module):
         self.attention = attention
         width = width or 64 * depth
         heads = heads or depth
-        self.layout = Layout(width, heads, latent_dim, tuple(patch_nums), conditioning.prefix_grids if conditioning else ())
-        L = self.layout
+        self.width, self.heads = width, heads
         if null_class is not None and not 0 <= null_class < num_classes:
             raise ValueError(f"null_class {null_class} is not a row of class_emb (num_classes={num_classes})")
         self.cond_drop, self.null_class, self.num_classes = cond_drop, null_class, num_classes
-        self.pos_start = nn.Parameter(torch.empty(1, L.first_len, width))
-        self.word_embed = nn.Linear(latent_dim, width)
         self.class_emb = nn.Embedding(num_classes, width)
-        self.lvl_embed = nn.Embedding(len(patch_nums), width)
         if shared_aln:
             self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-        self.register_buffer("lvl_1L", L.levels()[None], persistent=False)
         self.conditioning = conditioning
         self.pos_enc = pos_enc
         dp = 0.1 * depth / 24 if drop_path is None else drop_path
@@ -195,16 +192,35 @@ class NextScaleTransformer(nn.Module):
         self.blocks = nn.ModuleList(AdaLNBlock(width, width, heads, r, attn_l2_norm, text_dim, shared_aln)
                                     for r in (dp * i / max(depth - 1, 1) for i in range(depth)))  # linearly rising drop-path
         self.head = head
-        for component in (pos_enc, conditioning):
+        self._init = (init_adaln, init_adaln_gamma, init_head)
+        if patch_nums is not None:  # built now (official layouts, conversion); checked against the tokenizer later
+            self.build(32 if latent_dim is None else latent_dim, tuple(patch_nums))
+
+    def build(self, latent_dim: int, patch_nums: tuple[int, ...]) -> None:
+        """Create the schedule-dependent parts (start tokens, level table, input projection, and the
+        components' own) for this latent width and schedule, then initialise every weight."""
+        L = self.layout = Layout(self.width, self.heads, latent_dim, tuple(patch_nums),
+                                 self.conditioning.prefix_grids if self.conditioning else ())
+        self.pos_start = nn.Parameter(torch.empty(1, L.first_len, self.width))
+        self.word_embed = nn.Linear(latent_dim, self.width)
+        self.lvl_embed = nn.Embedding(len(patch_nums), self.width)
+        self.register_buffer("lvl_1L", L.levels()[None], persistent=False)
+        for component in (self.pos_enc, self.conditioning):
             if component is not None:
                 component.bind(L)
-        head.bind(width, width)
-        self.init_weights(init_adaln, init_adaln_gamma, init_head)
+        self.head.bind(self.width, self.width)
+        self.init_weights(*self._init)
 
     def bind(self, quantizer: Quantizer) -> None:
-        """Check that the tokenizer's schedule is the one this transformer was built for."""
-        if tuple(self.layout.patch_nums) != tuple(quantizer.patch_nums):
+        """Take the tokenizer's schedule and latent width (the head its vocabulary or bits), or check
+        them against those this transformer was built with."""
+        self.head.check_tokens(quantizer)
+        if not hasattr(self, "layout"):
+            self.build(quantizer.token_dim, quantizer.patch_nums)
+        elif tuple(self.layout.patch_nums) != tuple(quantizer.patch_nums):
             raise ValueError(f"transformer patch_nums {self.layout.patch_nums} != tokenizer's {quantizer.patch_nums}")
+        elif self.layout.latent_dim != quantizer.token_dim:
+            raise ValueError(f"transformer latent_dim {self.layout.latent_dim} != the tokenizer's {quantizer.token_dim}")
 
     # -- initialisation (VAR's recipe) ------------------------------------------------------
     @torch.no_grad()

@@ -229,7 +229,6 @@ class ARFinetune(_TokenizerTask):
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         transformer.bind(tokenizer.quantize)
-        transformer.head.check_tokens(tokenizer.quantize)
         self.transformer, self.labels, self.regularizer, self.refiner = transformer, labels, regularizer, refiner
         self.scale_predictor = None if scale_predictor is None else bind_predictor(scale_predictor, self.tokenizer)
         self.postprocess = postprocess

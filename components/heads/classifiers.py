@@ -40,19 +40,24 @@ class AdaLNBeforeHead(nn.Module):
 
 
 class IndexHead(Head):
-    """AdaLN-modulated LayerNorm then Linear(C -> V): one logit per codebook entry (VAR's head)."""
+    """AdaLN-modulated LayerNorm then Linear(C -> V): one logit per codebook entry (VAR's head).
+    ``vocab_size`` None takes the tokenizer's codebook size."""
 
-    def __init__(self, vocab_size: int = 4096):
+    def __init__(self, vocab_size: int | None = None):
         super().__init__()
         self.vocab_size = vocab_size
 
     def bind(self, width: int, cond_dim: int) -> None:
+        if self.vocab_size is None:
+            raise ValueError(f"{type(self).__name__} needs its size (vocab_size / bits) when the transformer is not bound to a tokenizer")
         self.head_nm = AdaLNBeforeHead(width, cond_dim)
         self.head = nn.Linear(width, self.vocab_size)
 
     def check_tokens(self, quantizer) -> None:
         if quantizer.token_kind != "index":
             raise ValueError(f"IndexHead scores codebook indices but {type(quantizer).__name__} gives {quantizer.token_kind}: use BitwiseHead")
+        if self.vocab_size is None:
+            self.vocab_size = quantizer.vocab_size
         if quantizer.vocab_size != self.vocab_size:
             raise ValueError(f"IndexHead vocab_size {self.vocab_size} != the tokenizer's codebook size {quantizer.vocab_size}")
 
@@ -77,16 +82,18 @@ class BitwiseHead(IndexHead):
     """Infinity's bitwise classifier: Linear(C -> 2 d), an independent 2-way softmax per bit.
 
     A token of d bits costs d binary predictions instead of one 2^d-way softmax; its
-    log-probability is the sum over its bits.
+    log-probability is the sum over its bits. ``bits`` None takes the tokenizer's bits per token.
     """
 
-    def __init__(self, bits: int = 32):
-        super().__init__(vocab_size=2 * bits)
+    def __init__(self, bits: int | None = None):
+        super().__init__(vocab_size=None if bits is None else 2 * bits)
         self.bits = bits
 
     def check_tokens(self, quantizer) -> None:
         if quantizer.token_kind != "bits":
             raise ValueError(f"BitwiseHead predicts bits but {type(quantizer).__name__} gives {quantizer.token_kind} tokens: use IndexHead")
+        if self.bits is None:
+            self.bits, self.vocab_size = quantizer.token_dim, 2 * quantizer.token_dim
         if quantizer.token_dim != self.bits:
             raise ValueError(f"BitwiseHead bits {self.bits} != the tokenizer's {quantizer.token_dim} bits per token")
 
