@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from arsr.components.degradations import BicubicDegradation, RealESRGANDegradation
-from arsr.components.degradations.kernels import gaussian_family_kernels, random_mixed_kernels, sinc_kernels
+from arsr.components.degradations import upsample
+from arsr.components.degradations.kernels import KERNEL_TYPES, SampleDraws, gaussian_family_kernels, random_mixed_kernels, sinc_kernels
 from arsr.components.degradations.realesrgan import usm_sharpen
 
 
@@ -54,10 +55,9 @@ def test_every_branch_is_reached():
         seen["gray1"] |= set(p["gray_noise1"].tolist())
         seen["blur2"] |= set(p["second_blur"].tolist())
         seen["sinc3"] |= set(p["final_sinc"].tolist())
-        seen["jpeg_first"].add(bool(p["final_jpeg_first"]))
+        seen["jpeg_first"] |= set(p["final_jpeg_first"].tolist())
         seen["clean"] |= set(p["clean"].tolist())
-        r = float(p["resize1"])
-        seen["resize1"].add("up" if r > 1 else "down" if r < 1 else "keep")
+        seen["resize1"] |= {"up" if r > 1 else "down" if r < 1 else "keep" for r in p["resize1"].tolist()}
     assert seen["type1"] == {-1, 0, 1, 2, 3, 4, 5}  # sinc and all six Gaussian-family types
     for k in ("gauss1", "gray1", "blur2", "sinc3", "jpeg_first", "clean"):
         assert seen[k] == {True, False}, k
@@ -84,11 +84,13 @@ def test_sharpen_gt_and_defaults_match_realesrgan_x4plus():
     x = hr_batch(2)
     out = RealESRGANDegradation(sharpen_gt=True)(x, gen(0))
     assert torch.allclose(out.hr, usm_sharpen(x)) and not torch.allclose(out.hr, x)
+    assert not d.cfg["sharpen_gt"]  # x4plus trains against the USM GT: arsr's one departure from its defaults
+    assert d.cfg["kernel_list2"] == d.cfg["kernel_list"] and d.cfg["kernel_prob2"] == d.cfg["kernel_prob"]
 
 
 def test_kernels_normalised_and_windowed():
-    g = gen(0)
-    k, p = random_mixed_kernels(64, (0.45, 0.25, 0.12, 0.03, 0.12, 0.03), (0.2, 3.0), (0.5, 4.0), (1.0, 2.0), 0.1, (7, 21), g, "cpu")
+    d = SampleDraws(list(range(64)))
+    k, p = random_mixed_kernels(d, KERNEL_TYPES, (0.45, 0.25, 0.12, 0.03, 0.12, 0.03), (0.2, 3.0), (0.5, 4.0), (1.0, 2.0), 0.1, (7, 21), "cpu")
     assert torch.allclose(k.sum((-2, -1)), torch.ones(64), atol=1e-5)
     for i in range(64):
         half = int(p["kernel_size"][i]) // 2
@@ -131,11 +133,91 @@ def test_gray_noise_is_one_field_in_three_channels(gaussian):
     from arsr.components.degradations.realesrgan import add_noise
 
     x = 0.3 + 0.4 * hr_batch(4, 32)
-    prob = 1.0 if gaussian else 0.0
-    gray, p = add_noise(x, prob, (10.0, 10.0), (1.0, 1.0), 1.0, gen(0))
+    prob, sizes = 1.0 if gaussian else 0.0, [(32, 32)] * 4
+    gray, p = add_noise(x, sizes, SampleDraws([0, 1, 2, 3]), prob, (10.0, 10.0), (1.0, 1.0), 1.0)
     noise = gray - x
     assert p["gray_noise"].all() and noise.abs().max() > 0.01
     torch.testing.assert_close(noise[:, 1], noise[:, 0], atol=1e-6, rtol=0)
     torch.testing.assert_close(noise[:, 2], noise[:, 0], atol=1e-6, rtol=0)
-    colour = add_noise(x, prob, (10.0, 10.0), (1.0, 1.0), 0.0, gen(0))[0] - x
+    colour = add_noise(x, sizes, SampleDraws([0, 1, 2, 3]), prob, (10.0, 10.0), (1.0, 1.0), 0.0)[0] - x
     assert (colour[:, 1] - colour[:, 0]).abs().max() > 0.01
+
+
+def test_a_sample_degrades_the_same_in_any_batch():
+    """Every draw of a sample depends on its seed alone: alone, in another batch, at another place."""
+    d = RealESRGANDegradation(clean_prob=0.2, upsample_mode="random")
+    x = hr_batch(8, 64)
+    seeds = [101, 202, 303, 404, 505, 606, 707, 808]
+    full = d(x, seeds=seeds)
+    other = d(torch.cat([hr_batch(3, 64, seed=9), x[5:6], x[2:3]]), seeds=[1, 2, 3, 606, 303])
+    alone = d(x[5:6], seeds=[606])
+    for i, j in ((5, 3), (2, 4)):
+        assert torch.equal(full.lr[i], other.lr[j]) and torch.equal(full.lr_up[i], other.lr_up[j])
+        assert full.params["resize1"][i] == other.params["resize1"][j]
+    assert torch.equal(full.lr[5], alone.lr[0]) and torch.equal(full.lr_up[5], alone.lr_up[0])
+    # the batch covers different intermediate sizes, both final orders and both noise types
+    assert len(set(full.params["resize1"].tolist())) == 8 and len(set(full.params["final_jpeg_first"].tolist())) == 2
+    assert len(set(full.params["gaussian_noise1"].tolist() + full.params["gaussian_noise2"].tolist())) == 2
+
+
+def test_no_host_sync_in_the_degradation(monkeypatch):
+    """With per-sample seeds (as the data module passes them) arsr's degradation code reads no image-side
+    value back: decisions are host-side draws (float64 / long / bool on the CPU); images, kernels and
+    noise are float32. (Kornia's own range checks read CPU tensors only.)"""
+    import sys
+
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def checked(t, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "components/degradations" in caller and t.dtype not in ((torch.float64, torch.int64, torch.bool) if name == "tolist" else (torch.float64,)):
+                raise AssertionError(f"host sync: Tensor.{name} on a {t.dtype} tensor {tuple(t.shape)}")
+            return original(t, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, checked)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        guard(name)
+    RealESRGANDegradation(clean_prob=0.3, upsample_mode="random")(hr_batch(6, 32), seeds=[1, 2, 3, 4, 5, 6])
+
+
+def test_poisson_only_for_the_samples_that_use_it(monkeypatch):
+    calls = []
+    poisson = torch.poisson
+    monkeypatch.setattr(torch, "poisson", lambda x, generator=None: calls.append(x.shape) or poisson(x, generator=generator))
+    out = RealESRGANDegradation(gaussian_noise_prob=1.0, gaussian_noise_prob2=1.0)(hr_batch(4, 32), seeds=[1, 2, 3, 4])
+    assert calls == [] and out.params["gaussian_noise1"].all()
+    p = RealESRGANDegradation(gaussian_noise_prob=0.5, gaussian_noise_prob2=1.0)(hr_batch(8, 32), seeds=list(range(8))).params
+    assert len(calls) == int((~p["gaussian_noise1"]).sum()) and 0 < len(calls) < 8  # one per Poisson sample of stage 1
+
+
+def test_second_stage_kernel_list():
+    d = RealESRGANDegradation(kernel_list2=("iso", "plateau_aniso"), kernel_prob2=(0.5, 0.5), sinc_prob2=0.0)
+    p = d(hr_batch(16, 32), seeds=list(range(16))).params
+    assert set(p["kernel_type2"].tolist()) == {0, 5} and len(set(p["kernel_type1"].tolist())) > 2
+    with pytest.raises(ValueError, match="kernel_list2"):
+        RealESRGANDegradation(kernel_list2=("iso", "box"), kernel_prob2=(0.5, 0.5))
+    with pytest.raises(ValueError, match="kernel_prob2"):
+        RealESRGANDegradation(kernel_prob2=(0.5, 0.6, 0.0, 0.0, 0.0, 0.0))
+
+
+def test_upsample_modes_and_random_per_sample():
+    lr = hr_batch(6, 16)
+    for mode in ("bicubic", "bilinear", "area"):
+        up = upsample(lr, (64, 64), mode)
+        kw = {} if mode == "area" else {"align_corners": False}
+        ref = torch.nn.functional.interpolate(lr, size=(64, 64), mode=mode, **kw).clamp(0, 1)
+        assert torch.equal(up, (ref * 255).round() / 255)
+    assert torch.equal(upsample(lr, (64, 64), "random"), upsample(lr, (64, 64), "bicubic"))  # inference: bicubic
+    mixed = upsample(lr, (64, 64), ["area", "bicubic", "bilinear", "area", "bicubic", "bilinear"])
+    assert torch.equal(mixed[1], upsample(lr[1:2], (64, 64), "bicubic")[0])
+    assert torch.equal(mixed[3], upsample(lr[3:4], (64, 64), "area")[0])
+    # the degradation's random mode: one of the three per sample, seeded, 8-bit
+    for deg in (BicubicDegradation(4, upsample_mode="random"), RealESRGANDegradation(upsample_mode="random")):
+        out = deg(hr_batch(6, 64), seeds=list(range(6)))
+        per_mode = {m: upsample(out.lr, (64, 64), m) for m in ("area", "bilinear", "bicubic")}
+        used = [next(m for m, u in per_mode.items() if torch.equal(u[i], out.lr_up[i])) for i in range(6)]
+        assert len(set(used)) > 1
+        assert torch.equal(deg(hr_batch(6, 64), seeds=list(range(6))).lr_up, out.lr_up)
+    with pytest.raises(ValueError, match="upsample_mode"):
+        RealESRGANDegradation(upsample_mode="nearest")

@@ -56,15 +56,16 @@ def crop_hr(arr: np.ndarray, size: int, mode: CropMode, rng: random.Random, hfli
 
 
 def clean_sample(sample: dict, crop_size: int, crop: CropMode, hflip: bool, rng: random.Random) -> tuple[dict, SampleStats]:
-    """A raw shard sample -> a training sample (HR crop, caption, quality, key) and the conversions
+    """A raw shard sample -> a training sample (HR crop, caption, quality, class label, key) and the conversions
     applied; raises :class:`BadSample` naming the reason when it cannot be used."""
     key = image_field(sample)
     if key is None:
         raise BadSample("missing_image", f"sample {sample.get('__key__')} has fields {sorted(sample)}")
-    caption, quality = parse_meta(sample.get("json"))
+    caption, quality, label = parse_meta(sample.get("json"))
     arr, converted = decode_rgb(sample[key])
     hr = crop_hr(arr, crop_size, crop, rng, hflip)
-    item = {"hr": torch.from_numpy(hr).permute(2, 0, 1), "caption": caption, "quality": quality, "key": sample.get("__key__", "")}
+    item = {"hr": torch.from_numpy(hr).permute(2, 0, 1), "caption": caption, "quality": quality, "label": label,
+            "key": sample.get("__key__", "")}
     return item, SampleStats({f"converted_{converted}": 1} if converted else {})
 
 
@@ -86,7 +87,8 @@ class CleanSamples:
             except BadSample as e:
                 pending[f"skipped_{e.reason}"] += 1
                 continue
-            yield item | {"stats": pending + conv}
+            # degradation seed: a function of the sample's key alone (any batch size, any run)
+            yield item | {"stats": pending + conv, "seed": seeded(self.seed, "degrade", item["key"]).getrandbits(62)}
             pending = SampleStats()
 
 
@@ -98,7 +100,9 @@ def collate(samples: list[dict]) -> dict:
         "hr": torch.stack([s["hr"] for s in samples]),  # (B, 3, H, W) uint8
         "caption": [s["caption"] for s in samples],
         "quality": torch.tensor([s["quality"] for s in samples], dtype=torch.long),
+        "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),  # class, -1 unlabelled
         "key": [s["key"] for s in samples],
+        "seed": [s["seed"] for s in samples],  # per-sample degradation seeds
         "stats": dict(stats),
     }
 
@@ -181,8 +185,10 @@ class ShardDataModule(L.LightningDataModule):
         self.epoch_stats = SampleStats()
 
     def _clean(self, sample: dict, rng: random.Random) -> dict:
+        """``rng`` is seeded by the sample's place in the stream (seed, generation, stream, shard draw,
+        index): the crop and then the sample's degradation seed are drawn from it."""
         item, converted = clean_sample(sample, self.crop_size, self.crop, self.hflip, rng)
-        return item | {"stats": converted}
+        return item | {"stats": converted, "seed": rng.getrandbits(62)}
 
     def train_dataloader(self) -> ResumableLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -213,6 +219,7 @@ class ShardDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def _generator(self, batch: dict, device: torch.device) -> torch.Generator:
+        """The batch generator of the training-pair pool (degradations use the per-sample ``seed``s)."""
         trainer = self.trainer
         if trainer is not None and trainer.training and self.train_loader is not None:
             # a function of the batch's place in the run: survives a resume
@@ -241,7 +248,7 @@ class ShardDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         hr = batch["hr"].float() / 255.0
         g = self._generator(batch, hr.device)
-        out = self.degradation(hr, generator=g)
+        out = self.degradation(hr, generator=g, seeds=batch.get("seed"))
         batch = batch | {"hr": out.hr, "lr": out.lr, "lr_up": out.lr_up, "degraded": out.degraded}
         if self.pool is not None and self.trainer is not None and self.trainer.training:
             batch = self.pool(batch, torch.Generator().manual_seed(g.initial_seed()))

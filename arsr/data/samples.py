@@ -107,26 +107,29 @@ class SampleStats(Counter):
         return ", ".join(f"{k}={v}" for k, v in sorted(self.items())) or "none"
 
 
-def parse_meta(raw: bytes | None) -> tuple[str, int]:
-    """A sample's ``json`` field -> (caption, quality label), type-checked.
+def parse_meta(raw: bytes | None) -> tuple[str, int, int]:
+    """A sample's ``json`` field -> (caption, quality label, class label), type-checked.
 
     ``caption`` may be a string, null or a list of strings (the first non-empty one is used);
-    ``quality`` may be null, ``"positive"`` or ``"negative"``. Anything else raises
+    ``quality`` may be null, ``"positive"`` or ``"negative"``; ``label`` (class-to-image
+    pretraining) may be null or an integer >= 0 (-1 = unlabelled). Anything else raises
     :class:`BadSample` (``bad_json``) naming the field.
     """
     if raw is None:
-        return "", -1
+        return "", -1, -1
     try:
         meta = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadSample("bad_json", f"unreadable json ({e})") from None
     if not isinstance(meta, dict):
         raise BadSample("bad_json", f"json must be an object, got {type(meta).__name__}")
-    caption, quality = meta.get("caption"), meta.get("quality")
+    caption, quality, label = meta.get("caption"), meta.get("quality"), meta.get("label")
     if isinstance(caption, list) and all(isinstance(c, str) for c in caption):
         caption = next((c for c in caption if c.strip()), "")
     if caption is not None and not isinstance(caption, str):
         raise BadSample("bad_json", f"caption must be a string, null or a list of strings, got {caption!r:.60}")
     if quality is not None and quality not in QUALITY_LABELS:
         raise BadSample("bad_json", f"quality must be null, 'positive' or 'negative', got {quality!r:.60}")
-    return caption or "", QUALITY_LABELS.get(quality, -1)
+    if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
+        raise BadSample("bad_json", f"label must be null or an integer >= 0, got {label!r:.60}")
+    return caption or "", QUALITY_LABELS.get(quality, -1), -1 if label is None else label

@@ -1,4 +1,5 @@
-"""Random blur kernels of the Real-ESRGAN family, drawn per sample on the batch's device.
+"""Random blur kernels of the Real-ESRGAN family: parameters drawn per sample from each sample's own
+generator (:class:`SampleDraws`, on the CPU), kernels built in one batch on the device.
 
 Every kernel lives on a ``size x size`` grid (21 by default). A kernel of a smaller odd
 size ``k`` is the same formula evaluated on the central ``k x k`` window and zero outside,
@@ -15,6 +16,45 @@ from torch import Tensor
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 
 
+class SampleDraws:
+    """Per-sample random numbers: sample ``i``'s ``k``-th draw is the ``k``-th uniform of its own generator,
+    seeded by ``seeds[i]``, so every parameter of a sample depends on its seed alone (not on the batch).
+
+    Draws are made on the CPU (decisions stay on the host, no device sync); :meth:`on` moves the
+    whole table to the batch's device in one transfer.
+    """
+
+    def __init__(self, seeds: list[int], n: int = 64):
+        self.seeds = [int(s) for s in seeds]
+        self.u = torch.stack([torch.rand(n, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in self.seeds])
+        self.k = 0
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+    def __call__(self) -> Tensor:
+        """(B,) float64 in [0, 1): the next draw of every sample."""
+        if self.k >= self.u.shape[1]:
+            raise RuntimeError(f"more than {self.u.shape[1]} draws per sample: raise SampleDraws(n=...)")
+        self.k += 1
+        return self.u[:, self.k - 1]
+
+    def uniform(self, low: float, high: float) -> Tensor:
+        return low + (high - low) * self()
+
+    def bernoulli(self, p: float) -> Tensor:
+        return self() < p
+
+    def choice(self, probs: tuple[float, ...] | list[float]) -> Tensor:
+        """(B,) long indices drawn from the categorical distribution ``probs`` (inverse CDF)."""
+        cdf = torch.tensor(probs, dtype=torch.float64).cumsum(0)
+        return (self()[:, None] >= cdf[None, :-1] / cdf[-1]).sum(1)
+
+    def seed(self) -> list[int]:
+        """A 53-bit seed per sample (for a sample's own noise-field generator)."""
+        return (self() * 2**53).long().tolist()
+
+
 def uniform(shape: tuple[int, ...] | int, low: float, high: float, g: torch.Generator | None, device) -> Tensor:
     shape = (shape,) if isinstance(shape, int) else shape
     return low + (high - low) * torch.rand(shape, generator=g, device=device)
@@ -26,10 +66,10 @@ def _grid(size: int, device) -> tuple[Tensor, Tensor]:
     return xx, yy  # (size, size) each
 
 
-def odd_sizes(n: int, low: int, high: int, g, device) -> Tensor:
-    """(n,) odd kernel sizes uniformly from {low, low+2, ..., high}."""
-    choices = torch.arange(low, high + 1, 2, device=device)
-    return choices[torch.randint(len(choices), (n,), generator=g, device=device)]
+def odd_sizes(draws: SampleDraws, low: int, high: int) -> Tensor:
+    """(B,) odd kernel sizes uniformly from {low, low+2, ..., high}."""
+    choices = torch.arange(low, high + 1, 2)
+    return choices[(draws() * len(choices)).long().clamp_max(len(choices) - 1)]
 
 
 def _window_mask(sizes: Tensor, grid_size: int) -> Tensor:
@@ -79,39 +119,47 @@ def gaussian_family_kernels(
 
 
 def random_mixed_kernels(
-    n: int,
+    draws: SampleDraws,
+    kernel_list: tuple[str, ...],
     kernel_prob: tuple[float, ...],
     sigma_range: tuple[float, float],
     betag_range: tuple[float, float],
     betap_range: tuple[float, float],
     sinc_prob: float,
     size_range: tuple[int, int],
-    g: torch.Generator | None,
     device,
     grid_size: int = 21,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """n kernels as Real-ESRGAN draws them for one degradation stage -> (n, S, S), params."""
-    sizes = odd_sizes(n, *size_range, g, device)
-    type_idx = torch.multinomial(torch.tensor(kernel_prob, device=device).expand(n, -1), 1, generator=g)[:, 0]
+    """One kernel per sample as Real-ESRGAN draws them for one degradation stage -> (B, S, S) on
+    ``device``, and the parameters (CPU). Every sample makes the same number of draws."""
+    sizes = odd_sizes(draws, *size_range)
+    type_idx = torch.tensor([KERNEL_TYPES.index(k) for k in kernel_list])[draws.choice(kernel_prob)]
     isotropic = type_idx % 2 == 0  # iso, generalized_iso, plateau_iso are even in KERNEL_TYPES
     family = type_idx // 2  # 0 gaussian, 1 generalized, 2 plateau
-    sx = uniform(n, *sigma_range, g, device)
-    sy = torch.where(isotropic, sx, uniform(n, *sigma_range, g, device))
-    theta = torch.where(isotropic, torch.zeros_like(sx), uniform(n, -math.pi, math.pi, g, device))
+    sx = draws.uniform(*sigma_range)
+    sy = torch.where(isotropic, sx, draws.uniform(*sigma_range))
+    theta = torch.where(isotropic, torch.zeros_like(sx), draws.uniform(-math.pi, math.pi))
     # beta: half the time below 1, half above (BasicSR's split at 1)
-    low_half = torch.rand(n, generator=g, device=device) < 0.5
-    betag = torch.where(low_half, uniform(n, betag_range[0], 1.0, g, device), uniform(n, 1.0, betag_range[1], g, device))
-    betap = torch.where(low_half, uniform(n, betap_range[0], 1.0, g, device), uniform(n, 1.0, betap_range[1], g, device))
+    low_half, ub = draws.bernoulli(0.5), draws()
+    betag = torch.where(low_half, betag_range[0] + (1 - betag_range[0]) * ub, 1 + (betag_range[1] - 1) * ub)
+    betap = torch.where(low_half, betap_range[0] + (1 - betap_range[0]) * ub, 1 + (betap_range[1] - 1) * ub)
     beta = torch.where(family == 1, betag, torch.where(family == 2, betap, torch.ones_like(sx)))
-    kernels = gaussian_family_kernels(family, sx, sy, theta, beta, sizes, grid_size)
-
-    use_sinc = torch.rand(n, generator=g, device=device) < sinc_prob
-    cutoff = torch.where(
-        sizes < 13, uniform(n, math.pi / 3, math.pi, g, device), uniform(n, math.pi / 5, math.pi, g, device)
-    )
-    kernels = torch.where(use_sinc[:, None, None], sinc_kernels(cutoff, sizes, grid_size), kernels)
+    use_sinc, uc = draws.bernoulli(sinc_prob), draws()
+    cutoff = torch.where(sizes < 13, math.pi / 3 + (math.pi - math.pi / 3) * uc, math.pi / 5 + (math.pi - math.pi / 5) * uc)
+    # one host-to-device transfer for all parameters
+    p = to_device(torch.stack([family, sx, sy, theta, beta, sizes, cutoff, use_sinc]).float(), device)
+    kernels = gaussian_family_kernels(p[0].long(), p[1], p[2], p[3], p[4], p[5].long(), grid_size)
+    kernels = torch.where(p[7, :, None, None] > 0, sinc_kernels(p[6], p[5].long(), grid_size), kernels)
     params = {"kernel_size": sizes, "kernel_type": torch.where(use_sinc, -1, type_idx), "sigma_x": sx, "sigma_y": sy}
     return kernels, params
+
+
+def to_device(t: Tensor, device) -> Tensor:
+    """CPU tensor -> ``device`` without a host sync (pinned, non-blocking on CUDA)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def delta_kernels(n: int, device, grid_size: int = 21) -> Tensor:
