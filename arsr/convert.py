@@ -119,6 +119,23 @@ def infinity_transformer_keys(state: dict[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
+def infinity_from_state_dict(state: dict[str, torch.Tensor], schedule: str = "1M", **kwargs) -> nn.Module:
+    """An :class:`~arsr.nn.infinity.InfinityTransformer` sized from an official state dict (any size:
+    depth, width, heads, bits, text width and null-caption length are read off the tensors) with the
+    weights loaded strictly. ``kwargs`` go to the constructor (e.g. a ``text`` encoder)."""
+    from arsr.nn.infinity import InfinityTransformer
+
+    sd = infinity_transformer_keys(state)
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    width, heads = sd["pos_start"].shape[-1], sd["blocks.0.sa.scale_mul_1H11"].shape[1]
+    ffn = sd["blocks.0.ffn.fc1.weight"].shape[0]
+    text_maxlen, text_channels = sd["cfg_uncond"].shape
+    model = InfinityTransformer(token_dim=sd["word_embed.weight"].shape[1], text_channels=text_channels, text_maxlen=text_maxlen,
+                                depth=depth, width=width, heads=heads, mlp_ratio=ffn / width, schedule=schedule, **kwargs)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
 # official key prefix -> arsr key prefix (first match wins); None drops derived buffers
 VAR_KEYS = (("pos_1LC", "pos_enc.pos_1LC"), ("head_nm.", "head.head_nm."), ("head.", "head.head."),
             ("lvl_1L", None), ("attn_bias_for_masking", None))

@@ -286,3 +286,13 @@ def test_cache_text_tool_fills_the_cache_once(tmp_path):
     n = tool.cache_text(str(SAMPLE / "tiny_t5"), str(tmp_path / "c"), shards=shards, device="cpu")
     assert n == len(tool.captions_of(shards)) >= 2 and len(list((tmp_path / "c").glob("*.safetensors"))) == n
     assert tool.cache_text(str(SAMPLE / "tiny_t5"), str(tmp_path / "c"), shards=shards, device="cpu") == 0
+
+
+def test_model_sized_from_an_official_state_dict(oracle):
+    from arsr.convert import infinity_from_state_dict
+
+    m, io, text, _ = oracle
+    rebuilt = infinity_from_state_dict(load_file(ORACLE / "weights.safetensors"), schedule="0.06M").eval()
+    assert (len(rebuilt.blocks), rebuilt.width, rebuilt.heads, rebuilt.token_dim) == (2, 64, 4, 8)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(None, io["x_BLC_wo_prefix"], text=text).flatten(2), io["tf_logits"], atol=1e-4)
