@@ -8,6 +8,8 @@ Recursive over png/jpg/webp; ``<stem>.txt`` beside an image is its caption; qual
 ``--labels_csv`` (``relpath,positive|negative``) or a ``positive/``/``negative/`` folder.
 ``--workers N`` decodes and checks images in N processes; the shards are the same as with one.
 ``--val_fraction`` sends a deterministic share (by a hash of each relative path) to ``val-*.tar``.
+``--class_from folder`` writes each image's class (its first folder under ``--src``, ids in sorted
+order) as the json ``label``, for class-to-image pretraining (recipes/varsr_c2i.yaml).
 Prints a progress bar (images/s) and a summary of what was written, converted and skipped (and why).
 """
 

@@ -6,6 +6,8 @@ else a lossless PNG of the converted pixels) and ``json`` metadata::
     {"source": "rel/path.jpg", "caption": str | null, "quality": "positive" | "negative" | null,
      "width": int, "height": int, "converted": "gray" | "16bit" | ... | null}
 
+plus, with ``class_from="folder"``, ``"label": int, "class": str`` (class-to-image pretraining).
+
 Images are decoded and checked by a pool of ``workers`` processes and written in file order, so
 the shards are byte-identical whatever the number of workers (tar entries carry a fixed mtime).
 """
@@ -22,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import webdataset as wds
 from tqdm import tqdm
@@ -82,7 +85,17 @@ def in_val_split(source: str, val_fraction: float) -> bool:
     return int.from_bytes(hashlib.sha1(source.encode()).digest()[:8], "big") / 2**64 < val_fraction
 
 
-def _prepare(path: Path, src: Path, min_size: int, labels: dict[str, str]) -> tuple[str, str | None, bytes, dict] | BadSample:
+def folder_classes(src: Path, files: list[Path]) -> dict[str, int]:
+    """Class ids from the first folder under ``src`` of each image, sorted by name (torchvision's
+    ImageFolder order), so train and validation packs of the same tree agree."""
+    loose = [f for f in files if len(f.relative_to(src).parts) < 2]
+    if loose:
+        raise ValueError(f"class_from folder: {len(loose)} image(s) lie directly in {src} with no class folder, first: {loose[0].name}")
+    return {name: i for i, name in enumerate(sorted({f.relative_to(src).parts[0] for f in files}))}
+
+
+def _prepare(path: Path, src: Path, min_size: int, labels: dict[str, str],
+             classes: dict[str, int] | None = None) -> tuple[str, str | None, bytes, dict] | BadSample:
     """One image -> (extension, conversion, bytes, metadata), or the BadSample that skips it (runs in a worker)."""
     rel = path.relative_to(src)
     data = path.read_bytes()
@@ -104,6 +117,8 @@ def _prepare(path: Path, src: Path, min_size: int, labels: dict[str, str]) -> tu
         "height": int(arr.shape[0]),
         "converted": converted,
     }
+    if classes is not None:
+        meta |= {"label": classes[rel.parts[0]], "class": rel.parts[0]}
     return ext, converted, data, meta
 
 
@@ -156,6 +171,7 @@ def pack_folder(
     workers: int = 1,
     val_fraction: float = 0.0,
     val_prefix: str = "val",
+    class_from: Literal["folder"] | None = None,
     progress: bool = True,
 ) -> PackReport:
     """Pack every png/jpg/webp under ``src`` (recursively) into ``out_dir/prefix-%06d.tar``.
@@ -168,6 +184,8 @@ def pack_folder(
         workers: processes decoding and checking images (output identical to 1 worker).
         val_fraction: share of images written to ``out_dir/val_prefix-%06d.tar`` instead, chosen by
             a hash of each image's relative path (deterministic, stable when the folder grows).
+        class_from: ``folder``: each image's first folder under ``src`` is its class; its id (the
+            folder's rank among the sorted class folders) is written as the json ``label``.
     """
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_dir():
@@ -183,11 +201,12 @@ def pack_folder(
         raise FileNotFoundError(f"no {'/'.join(IMAGE_EXTENSIONS)} images under {src}")
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = _read_labels(Path(labels_csv) if labels_csv else None)
+    classes = folder_classes(src, files) if class_from == "folder" else None
     report = PackReport(workers=workers)
     train = _Split(out_dir, prefix, max_shard_bytes, max_shard_count)
     val = _Split(out_dir, val_prefix, max_shard_bytes, max_shard_count) if val_fraction > 0 else None
     start = time.perf_counter()
-    prepared = _in_order(partial(_prepare, src=src, min_size=min_size, labels=labels), files, workers)
+    prepared = _in_order(partial(_prepare, src=src, min_size=min_size, labels=labels, classes=classes), files, workers)
     for item in tqdm(prepared, total=len(files), desc=f"packing ({workers} worker{'s' * (workers > 1)})", unit="img", disable=not progress):
         if isinstance(item, BadSample):
             report.skipped[item.reason] += 1

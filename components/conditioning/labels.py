@@ -51,3 +51,35 @@ class DegradationClasses(ConstantLabel):
 
     def __call__(self, batch: dict) -> Tensor:
         return torch.where(batch["degraded"], self.degraded, self.clean).long()
+
+
+class ClassLabels(Labels):
+    """Class-to-image labels: each sample's ``batch["label"]`` (shards packed with
+    ``tools/make_shards.py --class_from folder``); VAR / VARSR C2I pretraining.
+
+    Label dropout to the null class is the transformer's (``cond_drop``, ``null_class``), and CFG
+    guides away from that null class (``neg_label`` None). Unlabelled samples (-1) train the null
+    class. Validation and ``arsr predict`` sample ``sample_classes`` in turn (default 0, 1, 2, ...).
+
+    Args:
+        num_classes: real classes (the transformer's ``null_class``, its ``num_classes - 1``).
+        cfg: guidance strength at the last scale (VARSR's C2I demo: 4.0).
+        sample_classes: the classes images are generated for, repeated to the batch size.
+    """
+
+    def __init__(self, num_classes: int, cfg: float = 4.0, sample_classes: list[int] | None = None):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        bad = [c for c in sample_classes or () if not 0 <= c < num_classes]
+        if bad:
+            raise ValueError(f"sample_classes {bad} are not classes 0..{num_classes - 1}")
+        self.num_classes, self.cfg, self.neg_label = num_classes, cfg, None
+        self.sample_classes = list(sample_classes) if sample_classes else None
+
+    def __call__(self, batch: dict) -> Tensor:
+        label = batch["label"].long()
+        return torch.where(label < 0, self.num_classes, label)
+
+    def inference(self, batch_size: int, device) -> Tensor:
+        classes = torch.tensor(self.sample_classes, dtype=torch.long) if self.sample_classes else torch.arange(min(batch_size, self.num_classes))
+        return classes.repeat((batch_size + len(classes) - 1) // len(classes))[:batch_size].to(device)
