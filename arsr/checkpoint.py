@@ -8,6 +8,7 @@ for ``init_from`` (start from weights, fresh optimizer and step counter).
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import pickle
@@ -22,7 +23,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
-from safetensors import SafetensorError
+import yaml
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -132,10 +134,78 @@ def ensure_writable(folder: str | Path, what: str) -> None:
         raise PermissionError(f"{what} {folder} is not writable ({e.strerror or e}); choose another folder or fix its permissions") from None
 
 
+def point_latest(run: Path) -> None:
+    """Point ``<run>/../latest`` at ``run``: a relative symlink, replaced atomically."""
+    link, tmp = run.parent / "latest", run.parent / f".latest.{os.getpid()}.tmp"
+    tmp.unlink(missing_ok=True)
+    os.symlink(run.name, tmp, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def _missing(path: Path) -> str:
+    """Why ``path`` is missing, naming the run when it goes through a ``latest`` pointer."""
+    for parent in path.parents:
+        if parent.name == "latest" and parent.is_symlink():
+            return (f"weights file {path} not found: {parent} points at {parent.resolve().name}, the newest run of "
+                    f"{parent.parent}, which has not written it (finish or resume that run: --ckpt_path last)")
+    return f"weights file {path} not found"
+
+
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (cached per path, size and modification time)."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def export_metadata(module: L.LightningModule) -> dict[str, str]:
+    """Metadata of a weights export: the model's config (``arsr_model``, a YAML ``model:`` block that
+    ``--config`` accepts) when the CLI built it, and the sha256 of its ``tokenizer_from`` file."""
+    hparams = dict(getattr(module, "hparams", {}))
+    meta = {}
+    if "_class_path" in hparams:
+        init_args = {k: v for k, v in hparams.items() if not k.startswith("_")}
+        meta["arsr_model"] = yaml.safe_dump({"model": {"class_path": hparams["_class_path"], "init_args": init_args}}, sort_keys=False)
+    tok = hparams.get("tokenizer_from")
+    if isinstance(tok, str) and Path(tok).is_file():
+        meta |= {"tokenizer_from": tok, "tokenizer_sha256": file_sha256(tok)}
+    return meta
+
+
+def check_tokenizer_hash(init_from: str | list[str] | None, tokenizer_from: str | None) -> list[str]:
+    """Warnings for ``init_from`` exports trained on another tokenizer file than ``tokenizer_from``
+    (their token indices would mean other codes)."""
+    if not init_from or not tokenizer_from or not Path(tokenizer_from).is_file():
+        return []
+    warnings = []
+    for path in [init_from] if isinstance(init_from, str) else init_from:
+        if not str(path).endswith(".safetensors") or not Path(path).is_file():
+            continue  # named by load_weights when the run starts
+        try:
+            with safe_open(path, "pt") as f:
+                saved = (f.metadata() or {}).get("tokenizer_sha256")
+        except SafetensorError:
+            continue
+        if saved and saved != (now := file_sha256(tokenizer_from)):
+            warnings.append(f"{path} was trained with a tokenizer file of sha256 {saved[:12]}..., but tokenizer_from "
+                            f"{tokenizer_from} has sha256 {now[:12]}...: its token indices may mean other codes; give "
+                            "the tokenizer it was trained with, or fine-tune knowingly")
+    return warnings
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found")
+        raise FileNotFoundError(_missing(path))
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: weights are read from .safetensors files only (a pickled .pth/.ckpt could run code); "
                          "convert official .pth files with tools/convert.py, resume a .ckpt with --ckpt_path")
@@ -208,7 +278,9 @@ class SafetensorsCheckpoint(ModelCheckpoint):
     """ModelCheckpoint that also writes the LightningModule's weights as ``<name>.safetensors``.
 
     ``.ckpt`` files go through :class:`AtomicCheckpointIO` (``arsr`` installs it); the safetensors
-    export uses :func:`atomic_save_safetensors` and holds full (unsharded) weights also under FSDP2.
+    export uses :func:`atomic_save_safetensors`, holds full (unsharded) weights also under FSDP2, and
+    carries :func:`export_metadata` (model config, tokenizer sha256) and the step. Without
+    ``dirpath`` it writes into the run's folder, ``<save_dir>/<name>/version_N/checkpoints``.
     """
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
@@ -217,7 +289,8 @@ class SafetensorsCheckpoint(ModelCheckpoint):
         for cb in trainer.callbacks:  # a callback may export other weights (arsr.optim.EMA: the average)
             weights = cb.export_weights(weights) if hasattr(cb, "export_weights") else weights
         if trainer.is_global_zero:
-            atomic_save_safetensors(weights, Path(filepath).with_suffix(".safetensors"), {"step": str(trainer.global_step)})
+            meta = {"step": str(trainer.global_step)} | export_metadata(trainer.lightning_module)
+            atomic_save_safetensors(weights, Path(filepath).with_suffix(".safetensors"), meta)
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         super()._remove_checkpoint(trainer, filepath)

@@ -1,34 +1,86 @@
-"""``arsr``: LightningCLI with arsr's defaults and one-line errors.
+"""``arsr``: LightningCLI with arsr's defaults, one folder per run and one-line errors.
 
     arsr fit --config recipes/quickstart.yaml
     arsr fit --config recipes/varsr.yaml --model.init_args.tokenizer.init_args.quantizer.init_args.beta 0.5
     arsr fit --config recipes/quickstart.yaml --print_config
 
 Model and data are chosen by ``class_path`` (subclass mode), so any LightningModule /
-LightningDataModule (arsr's or a user's) can be named in a recipe. Exact resume is
-``--ckpt_path last`` (or a path); starting from weights is ``--model.init_args.init_from``.
+LightningDataModule (arsr's or a user's) can be named in a recipe. Every fit writes its config,
+logs, checkpoints and exported weights into ``<logger save_dir>/<name>/version_N/`` and points
+``<name>/latest`` at it. Exact resume is ``--ckpt_path last`` (the latest run's newest good
+checkpoint, continued in that run's folder) or a path; starting from weights is
+``--model.init_args.init_from``. Command-line ``--model...`` flags apply on top of the
+hyper-parameters a ``--ckpt_path`` checkpoint restores.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
 from argparse import ArgumentError
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.fabric.utilities.rank_zero import rank_zero_only  # noqa: E402
 from lightning.fabric.utilities.exceptions import MisconfigurationException  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
-import arsr.components.degradations  # noqa: E402,F401  (short class names in configs)
+# every family imported: jsonargparse resolves short class names and lists the subclasses in --help
+import arsr.components.conditioning  # noqa: E402,F401
+import arsr.components.degradations  # noqa: E402,F401
+import arsr.components.heads  # noqa: E402,F401
+import arsr.components.posenc  # noqa: E402,F401
+import arsr.components.postprocess  # noqa: E402,F401
 import arsr.components.quantizers  # noqa: E402,F401
+import arsr.components.refiners  # noqa: E402,F401
+import arsr.components.regularizers  # noqa: E402,F401
+import arsr.data  # noqa: E402,F401
+import arsr.nn.infinity  # noqa: E402,F401
+import arsr.nn.transformer  # noqa: E402,F401
+import arsr.nn.vae  # noqa: E402,F401
+import arsr.optim  # noqa: E402,F401
+import arsr.tasks.ar  # noqa: E402,F401
+import arsr.tasks.tokenizer  # noqa: E402,F401
+from jsonargparse import DefaultHelpFormatter, Namespace  # noqa: E402
 from lightning.fabric.plugins import CheckpointIO  # noqa: E402
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger  # noqa: E402
 
-from arsr.checkpoint import AtomicCheckpointIO, check_checkpoint, ensure_writable, newest_loadable  # noqa: E402
+from arsr import __version__  # noqa: E402
+from arsr.checkpoint import (AtomicCheckpointIO, check_checkpoint, check_tokenizer_hash, ensure_writable,  # noqa: E402
+                             newest_loadable, point_latest)
 from arsr.predict import SRWriter  # noqa: E402
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_list() -> str:
+    """``recipes/*.yaml`` (a source checkout) with the first line of each header comment."""
+    lines = []
+    for r in sorted(RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []:
+        first = next((l.lstrip("# ").strip() for l in r.read_text().splitlines() if l.startswith("#")), "")
+        lines.append(f"  {r.relative_to(RECIPES.parent).as_posix():34s} {first[:90]}")
+    return "recipes:\n" + "\n".join(lines) if lines else ""
+
+
+DESCRIPTION = (
+    f"arsr {__version__}: next-scale autoregressive image super-resolution (VARSR, NSARM, MSVAR) on Lightning. "
+    "Train from a YAML recipe, override any value on the command line, super-resolve image folders and "
+    "evaluate them. Each fit writes runs/<name>/version_N/ (config, TensorBoard logs, checkpoints, "
+    "exported .safetensors) and points runs/<name>/latest at it."
+)
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keeps the recipe list's line breaks."""
+
+
+LOGGERS = (TensorBoardLogger, CSVLogger)  # loggers that file runs as save_dir/name/version_N
 
 
 class ARSRCLI(LightningCLI):
@@ -37,10 +89,27 @@ class ARSRCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})  # errors reach main() as exceptions
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False,  # errors reach main() as exceptions
+                                            "description": DESCRIPTION, "epilog": recipe_list(), "formatter_class": _HelpFormatter})
         super().__init__(L.LightningModule, L.LightningDataModule, *args, **kwargs)
 
     exit_code = 0
+    _argv: list[str] = []
+    _pinned_version: str | None = None
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        self.parser.add_argument("--version", action="version",
+                                 version=f"arsr {__version__} (lightning {L.__version__}, torch {torch.__version__})")
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--name", type=Optional[str], default=None,
+                            help="Run name: the run is written to <logger save_dir>/<name>/version_N/ and <name>/latest points "
+                                 "at it (default: the recipe's logger name).")
+
+    def parse_arguments(self, parser, args) -> None:
+        self._argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else []
+        super().parse_arguments(parser, args)
 
     def after_predict(self) -> None:
         """Inputs that failed make the run fail (after the others were written)."""
@@ -68,13 +137,41 @@ class ARSRCLI(LightningCLI):
         except ValueError as e:
             raise ValueError(f"--ckpt_path {e}; to start from .safetensors weights use --model.init_args.init_from") from None
 
-    def _parse_ckpt_path(self) -> None:  # LightningCLI reads the checkpoint's hparams here
-        if self.config.get("subcommand"):
-            self._check_ckpt_path()
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces the model's settings with the checkpoint's saved hyper-parameters; the
+        ``--model...`` flags of the command line are then applied again, so they always win."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        self._check_ckpt_path()
+        before = self.config
         super()._parse_ckpt_path()
+        flags = model_flags(self._argv)
+        if self.config is not before and flags:
+            self.config = self.parser.parse_args([subcommand, *flags], namespace=self.config)
+            if rank_zero_only.rank == 0:
+                names = [f.split("=", 1)[0].removeprefix("--") for f in flags if f.startswith("--")]
+                print(f"arsr: model settings restored from {self.config[subcommand].ckpt_path}, then the command line's "
+                      f"{', '.join(names)}", file=sys.stderr)
 
     def before_instantiate_classes(self) -> None:
-        check_values(self.config[self.config.subcommand])
+        cfg = self.config[self.config.subcommand]
+        check_values(cfg)
+        log = run_logger_args(cfg)
+        if log is not None:
+            if cfg.get("name"):
+                log.name = cfg.name
+            if self.config.subcommand == "fit" and log.version is None:
+                log.version = self._pinned_version = resume_version(cfg.get("ckpt_path"), Path(log.save_dir) / str(log.name))
+        model = (cfg.get("model") or Namespace()).get("init_args") or Namespace()
+        if rank_zero_only.rank == 0:
+            for warning in check_tokenizer_hash(model.get("init_from"), model.get("tokenizer_from")):
+                print(f"arsr: warning: {warning}", file=sys.stderr)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if self._pinned_version is not None:  # the saved config keeps version null: reusing it starts a new run
+            run_logger_args(self.config[self.config.subcommand]).version = None
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         plugins = config.get("plugins") or []
@@ -84,20 +181,26 @@ class ARSRCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
-        """Output folders are proven writable before any work; ``--ckpt_path last`` becomes the newest
-        checkpoint that loads (a corrupt ``last.ckpt`` is named and passed over)."""
+        """Output folders are proven writable before any work; a fit's run folder is created and
+        ``<name>/latest`` pointed at it; ``--ckpt_path last`` becomes the newest checkpoint that
+        loads (a corrupt ``last.ckpt`` is named and passed over) of the latest run."""
         trainer = self.trainer
+        run = run_dir(trainer.logger)
         folders = {}
         if subcommand == "fit":
-            folders.update({cb.dirpath: "checkpoint folder" for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)})
+            folders.update({checkpoint_dir(cb, trainer, run): "checkpoint folder" for cb in trainer.checkpoint_callbacks})
         if subcommand != "predict" and trainer.logger is not None and trainer.logger.save_dir:
             folders[trainer.logger.save_dir] = "log folder"
         folders.update({cb.out_dir: "output folder" for cb in trainer.callbacks if isinstance(cb, SRWriter)})
         for folder, what in folders.items():
-            ensure_writable(folder, what)
+            if trainer.is_global_zero or run is None or run not in Path(folder).parents:  # other ranks never create a run
+                ensure_writable(folder, what)
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") == "last":
-            dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+            latest = None if run is None else run.parent / "latest"
+            latest = latest.resolve() if latest is not None else None  # as Lightning names dirpaths: absolute
+            dirs = [Path(cb.dirpath) if cb.dirpath else latest / "checkpoints" if latest else checkpoint_dir(cb, trainer, None)
+                    for cb in trainer.checkpoint_callbacks]
             path, problems = newest_loadable(dirs)
             for problem in problems:
                 print(f"arsr: warning: skipping {problem}", file=sys.stderr)
@@ -107,7 +210,56 @@ class ARSRCLI(LightningCLI):
                 kwargs["ckpt_path"] = str(path)
             elif problems:
                 raise ValueError(f"--ckpt_path last: no checkpoint in {', '.join(map(str, dirs))} can be loaded ({len(problems)} tried)")
+        if subcommand == "fit" and run is not None and trainer.is_global_zero:
+            ensure_writable(run, "run folder")
+            point_latest(run)
         return kwargs
+
+
+def model_flags(argv: list[str]) -> list[str]:
+    """The ``--model...`` options of a command line, each with its value, in order."""
+    out, i = [], 0
+    while i < len(argv):
+        take = (1 if "=" in argv[i] else 2) if re.match(r"--model([.=]|$)", argv[i]) else 0
+        out += argv[i:i + take]
+        i += take or 1
+    return out
+
+
+def run_logger_args(cfg: Namespace) -> Namespace | None:
+    """init_args of the configured logger when it files runs as save_dir/name/version (TensorBoard, CSV)."""
+    logger = (cfg.get("trainer") or Namespace()).get("logger")
+    args = logger.get("init_args") if isinstance(logger, Namespace) else None
+    return args if isinstance(args, Namespace) and all(k in args for k in ("save_dir", "name", "version")) else None
+
+
+def run_dir(logger) -> Path | None:
+    """``save_dir/name/version_N`` of a TensorBoard or CSV logger (the version is fixed on first access)."""
+    if not isinstance(logger, LOGGERS):
+        return None
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir) / str(logger.name) / version
+
+
+def resume_version(ckpt_path: str | None, root: Path) -> str | None:
+    """The run folder a fit resuming from ``ckpt_path`` continues in: the latest run of ``root`` for
+    ``last``, the run holding the checkpoint for a path under ``root/<version>/checkpoints``; None
+    starts a new version."""
+    if ckpt_path == "last":
+        latest = root / "latest"
+        return latest.resolve().name if latest.is_dir() else None
+    if ckpt_path and ckpt_path not in ("best", "hpc", "registry"):
+        p = Path(ckpt_path).resolve()
+        if p.parent.name == "checkpoints" and p.parent.parent.parent == root.resolve():
+            return p.parent.parent.name
+    return None
+
+
+def checkpoint_dir(cb, trainer: L.Trainer, run: Path | None) -> Path:
+    """Where a checkpoint callback writes: its dirpath, else the run's ``checkpoints/`` (Lightning's rule)."""
+    if getattr(cb, "dirpath", None):
+        return Path(cb.dirpath)
+    return (run if run is not None else Path(trainer.default_root_dir)) / "checkpoints"
 
 
 def _find(config, key: str, path: str = "") -> list[tuple[str, object]]:

@@ -280,7 +280,11 @@ def convert(src: str | Path, preset: str, out: str | Path) -> Path:
     out = Path(out).with_suffix(".safetensors")
     atomic_save_safetensors(written, out, {"arsr_preset": preset, "source": Path(src).name})
     blocks = {"transformer" if p.out_prefix else "tokenizer": p.component} | {prefix.rstrip("."): c for prefix, c in p.parts}
+    weights = "init_from" if p.out_prefix else "tokenizer_from"  # a tokenizer file feeds an SR model's tokenizer
     out.with_suffix(".yaml").write_text(
-        f"# arsr components for {out.name} (converted from {Path(src).name}, preset {preset})\n" + yaml.safe_dump(blocks, sort_keys=False)
+        f"# arsr config for {out.name} (converted from {Path(src).name}, preset {preset}); add it after a recipe:\n"
+        f"#   arsr fit --config recipes/<recipe>.yaml --config {out.with_suffix('.yaml')}\n"
+        + ("" if p.out_prefix else "# (a tokenizer fine-tuning recipe starts from the file with --model.init_args.init_from instead)\n")
+        + yaml.safe_dump({"model": {"init_args": blocks | {weights: str(out)}}}, sort_keys=False)
     )
     return out

@@ -60,7 +60,8 @@ def test_print_config_and_override(capsys):
     ],
 )
 def test_errors_are_one_line(args, expected, tmp_path):
-    r = run_cli("fit", "--config", QUICK, *args, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path), cwd=ROOT)
+    r = run_cli("fit", "--config", QUICK, *args, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path),
+                "--trainer.logger.init_args.save_dir", str(tmp_path), cwd=ROOT)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("arsr: error:")]
@@ -94,10 +95,11 @@ def _fit(tmp_path, *extra, config=QUICK):
 def test_quickstart_fits_writes_weights_logs_and_resumes(tmp_path):
     r = _fit(tmp_path, "--trainer.max_steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpt_dir = tmp_path / "runs" / "quickstart_tokenizer" / "checkpoints"
+    run = tmp_path / "runs" / "quickstart_tokenizer" / "version_0"
+    ckpt_dir = run / "checkpoints"
     weights = load_file(ckpt_dir / "last.safetensors")
     assert "tokenizer.quantize.embedding.weight" in weights and not any(k.startswith("lpips") for k in weights)
-    tb = list((tmp_path / "runs" / "quickstart_tokenizer" / "tb").rglob("events.out.tfevents.*"))
+    tb = list(run.glob("events.out.tfevents.*"))
     assert tb and (tb[0].parent / "config.yaml").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -105,10 +107,11 @@ def test_quickstart_fits_writes_weights_logs_and_resumes(tmp_path):
     assert "train/reconstruction" in acc.Tags()["images"] and "val/scales" in acc.Tags()["images"]
     assert "train/loss" in acc.Tags()["scalars"]
 
-    # exact resume continues the step counter from last.ckpt
-    r = _fit(tmp_path, "--trainer.max_steps", "4", "--ckpt_path", str(ckpt_dir / "last.ckpt"))
+    # exact resume continues the step counter from last.ckpt, in the same run folder
+    r = _fit(tmp_path, "--trainer.max_steps", "4", "--ckpt_path", "last")
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert sorted(p.name for p in run.parent.iterdir()) == ["latest", "version_0"] and len(list(run.glob("events.*"))) == 2
 
     # starting from weights: a fresh run whose tokenizer starts at the exported weights
     tok = {k.removeprefix("tokenizer."): v for k, v in load_file(ckpt_dir / "last.safetensors").items()}
@@ -125,12 +128,12 @@ def test_quickstart_end_to_end_sr(tmp_path):
     assert _fit(tmp_path, "--trainer.max_steps", "2").returncode == 0
     r = _fit(tmp_path, "--trainer.max_steps", "2", config=QUICK_AR)
     assert r.returncode == 0, r.stderr[-3000:]
-    weights = load_file(tmp_path / "runs" / "quickstart" / "checkpoints" / "last.safetensors")
+    weights = load_file(tmp_path / "runs" / "quickstart" / "latest" / "checkpoints" / "last.safetensors")
     assert any(k.startswith("transformer.") for k in weights) and any(k.startswith("refiner.") for k in weights)
     assert not any(k.startswith("tokenizer.") for k in weights)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = next((tmp_path / "runs" / "quickstart" / "tb").rglob("events.out.tfevents.*")).parent
+    tb = next((tmp_path / "runs" / "quickstart" / "latest").glob("events.out.tfevents.*")).parent
     acc = EventAccumulator(str(tb), size_guidance={"images": 0}).Reload()
     assert "val/lr_sr_hr" in acc.Tags()["images"] and "val/sample_psnr" in acc.Tags()["scalars"]
 

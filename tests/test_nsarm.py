@@ -49,12 +49,12 @@ def test_stage1_then_stage2_then_predict(tmp_path, monkeypatch):
     tok = f"--model.init_args.tokenizer_from {tmp_path / 'tokenizer.safetensors'}"
     stage1 = f"fit --config {ROOT}/recipes/nsarm_stage1.yaml {CPU} {DATA} --trainer.max_steps 2 {tok} {TOKENIZER} {NET}"
     assert main(shlex.split(stage1)) == 0
-    s1 = tmp_path / "runs/nsarm_stage1/checkpoints/last.safetensors"
+    s1 = tmp_path / "runs/nsarm_stage1/latest/checkpoints/last.safetensors"
     assert {k.split(".")[0] for k in load_file(s1)} == {"scale_predictor"}
     stage2 = (f"fit --config {ROOT}/recipes/nsarm_stage2.yaml {CPU} {DATA} --trainer.max_steps 2 {tok} {TOKENIZER} {NET} {TRANSFORMER} "
               f"--model.init_args.init_from '[{s1}]'")
     assert main(shlex.split(stage2)) == 0
-    s2 = tmp_path / "runs/nsarm_stage2/checkpoints/last.safetensors"
+    s2 = tmp_path / "runs/nsarm_stage2/latest/checkpoints/last.safetensors"
     w1, w2 = load_file(s1), load_file(s2)
     assert {k.split(".")[0] for k in w2} == {"scale_predictor", "transformer"} and not any(".text.encoder." in k for k in w2)
     assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # stage 2 fine-tuned the network it started from

@@ -107,7 +107,7 @@ def test_cli_resumes_from_the_newest_good_checkpoint_and_init_from_exports(tmp_p
     r = run("-m", "arsr", "fit", *TINY, "--trainer.max_steps", "2", "--trainer.callbacks.init_args.every_n_train_steps", "1",
             "--trainer.callbacks.init_args.save_top_k", "-1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    ckpts = tmp_path / "runs" / "quickstart_tokenizer" / "checkpoints"
+    ckpts = tmp_path / "runs" / "quickstart_tokenizer" / "version_0" / "checkpoints"
     assert (ckpts / "last.safetensors").stat().st_mode & 0o044 == 0o044  # readable by group and others
     good = ckpts / "epoch=0-step=2.ckpt"
     assert good.is_file()
