@@ -7,6 +7,7 @@ The frame only ever talks to these interfaces, so a new component needs no chang
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +38,9 @@ class Degradation(nn.Module, ABC):
     scale: int
 
     @abstractmethod
-    def forward(self, hr: Tensor, generator: torch.Generator | None = None) -> DegradedBatch:
-        """hr: (B, 3, H, W) in [0, 1]; H and W divisible by ``scale``."""
+    def forward(self, hr: Tensor, generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> DegradedBatch:
+        """hr: (B, 3, H, W) in [0, 1]; H and W divisible by ``scale``. ``seeds``: one per sample (the data
+        module's), so a sample degrades the same in any batch; without them draws come from ``generator``."""
 
 
 @dataclass

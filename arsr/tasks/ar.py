@@ -14,10 +14,11 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from arsr.checkpoint import load_into, load_weights
 from arsr.interfaces import ARContext, Labels, Refiner, Regularizer, ScalePredictor
-from arsr.metrics import psnr, ssim
 from arsr.nn.infinity import InfinityTransformer
 from arsr.nn.transformer import NextScaleTransformer
+from arsr.components.degradations import upsample
 from arsr.postprocess import PostProcess
+from arsr.visual import log_sr_grid, sr_metrics
 from arsr.sampling import sample_scales
 from arsr.nn.vae import VQVAE
 from arsr.parallel import parallelize
@@ -185,7 +186,9 @@ class ARFinetune(_TokenizerTask):
         activation_checkpointing: recompute every block in the backward pass.
         compile: ``torch.compile`` every block.
         fsdp_bf16_params: under FSDP2, compute with bf16 parameters (fp32 gradient reduction).
-        scale, upsample_mode: SR factor and how the LR image is resized to the HR size at inference.
+        scale, upsample_mode: SR factor and how the LR image is resized to the HR size at inference
+            (:func:`arsr.components.degradations.upsample`); training checks it equals the
+            degradation's (a ``random`` degradation resizes with bicubic at inference).
         tile_overlap, tile_batch: latent-space tiling for inputs of any size (overlap in latent
             cells; tiles per forward).
         init_strict: False loads only the tensors of ``init_from`` whose names and shapes match.
@@ -217,7 +220,7 @@ class ARFinetune(_TokenizerTask):
         compile: bool = False,
         fsdp_bf16_params: bool = False,
         scale: int = 4,
-        upsample_mode: Literal["bicubic", "bilinear"] = "bicubic",
+        upsample_mode: Literal["bicubic", "bilinear", "area"] = "bicubic",
         sample_cfg: float | None = None,
         sample_temperature: float = 1.0,
         seed: int = 0,
@@ -243,6 +246,15 @@ class ARFinetune(_TokenizerTask):
         sched = tokenizer.quantize.schedule
         self.scale_bounds = [0] + torch.tensor([h * w for h, w in sched]).cumsum(0).tolist()
         self.register_buffer("token_weights", self.weights_by_scale(sched), persistent=False)
+
+    def setup(self, stage: str) -> None:
+        """Training checks that inference resizes the LR as the degradation does for ``lr_up``."""
+        deg = getattr(getattr(self._trainer, "datamodule", None), "degradation", None) if self._trainer is not None else None
+        mode = getattr(deg, "upsample_mode", None)
+        if stage == "fit" and mode is not None and {"random": "bicubic"}.get(mode, mode) != self.upsample_mode:
+            raise ValueError(f"model upsample_mode {self.upsample_mode!r} differs from the degradation's {mode!r}: inference would resize "
+                             f"the LR unlike training; set --model.init_args.upsample_mode {({'random': 'bicubic'}).get(mode, mode)}")
+        super().setup(stage)
 
     def weights_by_scale(self, schedule) -> Tensor:
         """(L,) weight of each token in the loss, summing to 1 over the trained positions."""
@@ -327,7 +339,18 @@ class ARFinetune(_TokenizerTask):
             logs |= {f"train/{k}": v for k, v in self.regularizer.logs.items()}
         self.log_dict(logs, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        if self.should_log_images(batch_idx):
+            self.log_train_grid(batch)
         return loss
+
+    @torch.no_grad()
+    def log_train_grid(self, batch: dict, n: int = 2) -> None:
+        """LR | every emitted scale | HR of the first training samples, sampled with the inference settings."""
+        g = torch.Generator(device=batch["hr"].device).manual_seed(self.seed)
+        caps = batch.get("caption")
+        outs = self.super_resolve(batch["lr_up"][:n] * 2 - 1, generator=g, captions=None if caps is None else list(caps)[:n],
+                                  lr=batch["lr"][:n] * 2 - 1)
+        log_sr_grid(self, "train/lr_outputs_hr", batch["lr_up"][:n], [(o + 1) / 2 for o in outs], batch["hr"][:n])
 
     # -- super-resolution ----------------------------------------------------------------------
     def default_cfg(self) -> float | None:
@@ -387,7 +410,7 @@ class ARFinetune(_TokenizerTask):
         The native size runs whole (all outputs); other sizes run as latent-space tiles (final output)."""
         h, w = lr.shape[-2:]
         H, W = h * self.scale, w * self.scale
-        lr_up = F.interpolate(lr, size=(H, W), mode=self.upsample_mode, align_corners=False).clamp(0, 1) * 2 - 1
+        lr_up = upsample(lr, (H, W), self.upsample_mode) * 2 - 1
         g = torch.Generator(device=lr.device).manual_seed(self.seed)
         n, ds = self.native_size, self.tokenizer.downsample
         caps = None if caption is None else [caption]
@@ -422,16 +445,7 @@ class ARFinetune(_TokenizerTask):
             outs[-1] = self.finish(outs[-1], lr)
         if outs[-1].shape != hr.shape:
             raise ValueError(f"SR {tuple(outs[-1].shape[-2:])} and HR {tuple(hr.shape[-2:])} differ: is the HR {self.scale}x the LR?")
-        bs = hr.shape[0]
-        for i, sr in enumerate(outs):
-            final = i == len(outs) - 1
-            mag = round(sr.shape[-1] / lr.shape[-1])
-            ref = hr if final else F.interpolate(hr, size=sr.shape[-2:], mode="bicubic", antialias=True).clamp(0, 1)
-            suffix = "" if final else f"_x{mag}"
-            crop = max(mag, 1)
-            self.log(f"test/psnr_y{suffix}", psnr(sr, ref, crop_border=crop).mean(), batch_size=bs)
-            if min(sr.shape[-2:]) - 2 * crop >= 11:  # SSIM's 11x11 window must fit
-                self.log(f"test/ssim_y{suffix}", ssim(sr, ref, crop_border=crop).mean(), batch_size=bs)
+        self.log_dict(sr_metrics(outs, hr, lr, "test"), batch_size=hr.shape[0])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         hr, lr = self.images(batch)
@@ -446,8 +460,8 @@ class ARFinetune(_TokenizerTask):
             n = min(self.val_samples, bs)
             g = torch.Generator(device=hr.device).manual_seed(0)
             caps = batch.get("caption")
-            sr = self.super_resolve(lr_up[:n], generator=g, captions=None if caps is None else list(caps)[:n], lr=lr[:n])[-1]
-            psnr_rgb = peak_signal_noise_ratio((sr + 1) / 2, (hr[:n] + 1) / 2, data_range=1.0)
-            self.log("val/sample_psnr", psnr_rgb, batch_size=n)
-            if self.global_rank == 0:
-                self.log_images("val/lr_sr_hr", [(lr_up[:n] + 1) / 2, (sr + 1) / 2, (hr[:n] + 1) / 2])
+            outs = [(o + 1) / 2 for o in self.super_resolve(lr_up[:n], generator=g, captions=None if caps is None else list(caps)[:n], lr=lr[:n])]
+            outs[-1] = self.finish(outs[-1], batch["lr"][:n])
+            self.log_dict(sr_metrics(outs, batch["hr"][:n], batch["lr"][:n], "val"), batch_size=n)
+            self.log("val/psnr_rgb", peak_signal_noise_ratio(outs[-1], batch["hr"][:n], data_range=1.0), batch_size=n)
+            log_sr_grid(self, "val/lr_outputs_hr", batch["lr_up"][:n], outs, batch["hr"][:n])
