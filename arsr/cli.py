@@ -19,6 +19,7 @@ import argparse
 import os
 import re
 import sys
+import textwrap
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Optional
@@ -64,15 +65,16 @@ def recipe_list() -> str:
     lines = []
     for r in sorted(RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []:
         first = next((l.lstrip("# ").strip() for l in r.read_text().splitlines() if l.startswith("#")), "")
-        lines.append(f"  {r.relative_to(RECIPES.parent).as_posix():34s} {first[:90]}")
+        lines.append(f"  {r.relative_to(RECIPES.parent).as_posix():34s} {textwrap.shorten(first, 78, placeholder=' ...')}")
     return "recipes:\n" + "\n".join(lines) if lines else ""
 
 
-DESCRIPTION = (
+DESCRIPTION = textwrap.fill(
     f"arsr {__version__}: next-scale autoregressive image super-resolution (VARSR, NSARM, MSVAR) on Lightning. "
     "Train from a YAML recipe, override any value on the command line, super-resolve image folders and "
     "evaluate them. Each fit writes runs/<name>/version_N/ (config, TensorBoard logs, checkpoints, "
-    "exported .safetensors) and points runs/<name>/latest at it."
+    "exported .safetensors) and points runs/<name>/latest at it. Start with: arsr fit --config recipes/quickstart_tokenizer.yaml",
+    width=100,
 )
 
 

@@ -9,6 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import arsr
 from arsr.cli import main
 
 from conftest import ROOT, SAMPLE
@@ -22,11 +23,53 @@ def run_cli(*args, cwd=ROOT, timeout=300):
     return subprocess.run([sys.executable, "-m", "arsr", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_help_lists_subcommands(capsys):
+def test_help_lists_subcommands_and_recipes(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for cmd in ("fit", "validate", "test", "predict"):
         assert cmd in out
+    assert "next-scale autoregressive image super-resolution" in out
+    assert "recipes/quickstart.yaml            Quickstart, part 2:" in out and "recipes/varsr.yaml" in out
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"arsr {arsr.__version__} (lightning ")
+
+
+def test_short_class_names_of_every_family(capsys):
+    assert main(["fit", "--config", QUICK_AR, "--model.init_args.labels", "DegradationClasses", "--model.init_args.regularizer", "DPO",
+                 "--model.init_args.transformer.init_args.pos_enc", "LearnedResampled", "--model.init_args.postprocess", "ColorFix",
+                 "--print_config"]) == 0
+    m = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert m["labels"]["class_path"] == "arsr.components.conditioning.DegradationClasses"
+    assert m["regularizer"]["class_path"] == "arsr.components.regularizers.DPO"
+    assert m["transformer"]["init_args"]["pos_enc"]["class_path"] == "arsr.components.posenc.LearnedResampled"
+    assert m["postprocess"]["class_path"] == "arsr.components.postprocess.ColorFix"
+
+
+def test_convert_help_and_config_ready_yaml(tmp_path, monkeypatch, capsys):
+    """tools/convert.py lists its presets as choices; the YAML it writes goes after a recipe with --config."""
+    import importlib.util
+
+    from arsr.convert import PRESETS, Preset
+    from arsr.nn.vae import VQVAE
+    from arsr.components.quantizers import MultiScaleVQ
+
+    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools" / "convert.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert "--preset PRESET" in tool.parser().format_help() and "varsr_vqvae" in tool.parser().format_help()
+    with pytest.raises(SystemExit):
+        tool.main(["--src", "x.pth", "--preset", "nope", "--out", "y"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    q = {"vocab_size": 256, "dim": 8, "patch_nums": [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]}  # 10 scales: convert builds on the meta device
+    tiny = {"class_path": "arsr.nn.vae.VQVAE", "init_args": {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1,
+            "quantizer": {"class_path": "arsr.components.quantizers.MultiScaleVQ", "init_args": q}}}
+    monkeypatch.setitem(PRESETS, "tiny_vqvae", Preset("tiny", tiny))
+    torch.save(VQVAE(MultiScaleVQ(**q), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1).state_dict(), tmp_path / "tiny.pth")
+    assert tool.main(["--src", str(tmp_path / "tiny.pth"), "--preset", "tiny_vqvae", "--out", str(tmp_path / "tiny")]) == 0
+    capsys.readouterr()
+    assert main(["fit", "--config", QUICK_AR, "--config", str(tmp_path / "tiny.yaml"), "--print_config"]) == 0
+    m = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert m["tokenizer_from"] == str(tmp_path / "tiny.safetensors") and m["tokenizer"]["init_args"]["ch"] == 32
 
 
 def test_print_config_and_override(capsys):
