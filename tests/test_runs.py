@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from arsr.checkpoint import check_tokenizer_hash, file_sha256
 from arsr.cli import main
@@ -21,19 +23,21 @@ TINY = ["--data.init_args.train_shards", str(SAMPLE / "train-{000000..000001}.ta
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two tokenizer runs of one recipe, then an SR run named by --name on the latest of them."""
+    """Two tokenizer runs of one recipe, then an SR run named by --name on the latest of them (its
+validation shards only feed the end-of-fit side-by-side image and ``arsr test``)."""
     cwd, root = os.getcwd(), tmp_path_factory.mktemp("runs")
     os.chdir(root)
     try:
         for _ in range(2):
             assert main(["fit", "--config", str(ROOT / "recipes/quickstart_tokenizer.yaml"), *TINY]) == 0
-        assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--name", "sr"]) == 0
+        assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--name", "sr", "--trainer.num_sanity_val_steps", "0",
+                     "--data.init_args.val_shards", str(SAMPLE / "val-000000.tar")]) == 0
         yield root
     finally:
         os.chdir(cwd)
 
 
-def test_two_runs_of_a_recipe_get_their_own_folders(runs):
+def test_two_runs_of_a_recipe_get_their_own_folders(runs, tmp_path):
     tok = runs / "runs" / "quickstart_tokenizer"
     assert sorted(p.name for p in tok.iterdir()) == ["latest", "version_0", "version_1"]
     assert os.readlink(tok / "latest") == "version_1"
@@ -49,9 +53,12 @@ def test_two_runs_of_a_recipe_get_their_own_folders(runs):
     assert meta["tokenizer_sha256"] == file_sha256(tok / "version_1/checkpoints/last.safetensors")
     model = yaml.safe_load(meta["arsr_model"])["model"]
     assert model["class_path"] == "arsr.tasks.ar.ARFinetune" and model["init_args"]["transformer"]["init_args"]["depth"] == 4
+    # the quickstart's summary callback super-resolved the validation photos side by side: LR | SR | HR
+    assert Image.open(runs / "runs" / "sr" / "version_0" / "showcase.png").size == (3 * 192, 4 * (192 + 4))
     # init_from with another tokenizer than the export was trained with is flagged
     assert check_tokenizer_hash(str(sr), str(tok / "version_1/checkpoints/last.safetensors")) == []
-    (warning,) = check_tokenizer_hash([str(sr)], str(tok / "version_0/checkpoints/last.safetensors"))
+    save_file({"w": torch.zeros(1)}, tmp_path / "other.safetensors")
+    (warning,) = check_tokenizer_hash([str(sr)], str(tmp_path / "other.safetensors"))
     assert "was trained with a tokenizer file of sha256" in warning
 
 
@@ -83,7 +90,6 @@ def test_arsr_test_on_the_training_config(runs, capsys, monkeypatch):
     """The training config's shard data module: the validation shards are the test set."""
     monkeypatch.chdir(runs)
     run = runs / "runs" / "sr" / "latest"
-    assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt"),
-                 "--data.init_args.val_shards", str(SAMPLE / "val-000000.tar")]) == 0
+    assert main(["test", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints/last.ckpt")]) == 0
     assert "test/psnr_y" in capsys.readouterr().out
     assert os.readlink(runs / "runs" / "sr" / "latest") == "version_0"  # only a fit moves latest
