@@ -163,7 +163,10 @@ class ARSRCLI(LightningCLI):
         if log is not None:
             if cfg.get("name"):
                 log.name = cfg.name
-            if self.config.subcommand == "fit" and log.version is None:
+            # a resumed fit continues its run's folder; TensorBoard adds an events file there, while
+            # Lightning's CSVLogger would rewrite metrics.csv, so a CSV run resumes into a new version
+            tensorboard = str(cfg.trainer.logger.get("class_path", "")).endswith("TensorBoardLogger")
+            if self.config.subcommand == "fit" and log.version is None and tensorboard:
                 log.version = self._pinned_version = resume_version(cfg.get("ckpt_path"), Path(log.save_dir) / str(log.name))
         model = (cfg.get("model") or Namespace()).get("init_args") or Namespace()
         if rank_zero_only.rank == 0:

@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 
@@ -63,7 +64,8 @@ class RunSummary(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        run = Path(trainer.log_dir) if trainer.log_dir else Path(trainer.default_root_dir)
+        log_dir = getattr(trainer.logger, "log_dir", None)  # not trainer.log_dir: a collective, and only rank 0 is here
+        run = Path(log_dir) if log_dir else Path(trainer.default_root_dir)
         lines = [f"arsr: fit finished in {time.monotonic() - self._start:.0f} s at step {trainer.global_step}",
                  f"  run folder   {run}" + (f" (also {run.parent / 'latest'})" if (run.parent / "latest").is_symlink() else "")]
         for cb in trainer.checkpoint_callbacks:
@@ -74,9 +76,11 @@ class RunSummary(L.Callback):
                    and "_scale" not in k}
         if metrics:
             lines.append("  final        " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
-        if self.showcase_images > 0 and hasattr(pl_module, "super_resolve_any"):
+        if self.showcase_images > 0 and hasattr(pl_module, "super_resolve_any") and trainer.world_size > 1:
+            lines.append("  side by side skipped: single-process runs only (sharded weights need every rank)")
+        elif self.showcase_images > 0 and hasattr(pl_module, "super_resolve_any"):
             shown = self.showcase(trainer, pl_module, run / "showcase.png")
             lines.append(f"  side by side {shown} (LR | SR | HR)" if shown else "  side by side none: no validation data")
-        if trainer.logger is not None and getattr(trainer.logger, "save_dir", None):
+        if isinstance(trainer.logger, TensorBoardLogger):
             lines.append(f"  TensorBoard  tensorboard --logdir {trainer.logger.save_dir}")
         print("\n".join(lines), file=sys.stderr)
