@@ -178,7 +178,7 @@ def test_quickstart_end_to_end_sr(tmp_path):
 
     tb = next((tmp_path / "runs" / "quickstart" / "latest").glob("events.out.tfevents.*")).parent
     acc = EventAccumulator(str(tb), size_guidance={"images": 0}).Reload()
-    assert "val/lr_sr_hr" in acc.Tags()["images"] and "val/sample_psnr" in acc.Tags()["scalars"]
+    assert "val/lr_outputs_hr" in acc.Tags()["images"] and "val/psnr_y" in acc.Tags()["scalars"]
 
 
 def test_predict_through_the_cli(tmp_path):
