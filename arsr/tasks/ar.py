@@ -339,7 +339,7 @@ class ARFinetune(_TokenizerTask):
             logs |= {f"train/{k}": v for k, v in self.regularizer.logs.items()}
         self.log_dict(logs, batch_size=bs)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
-        if self.should_log_images(batch_idx):
+        if self._trainer is not None and self.logger is not None and self.should_log_images(batch_idx):
             self.log_train_grid(batch)
         return loss
 
