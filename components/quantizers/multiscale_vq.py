@@ -27,9 +27,10 @@ def phi_index_table(num_scales: int, num_phi: int) -> tuple[int, ...]:
         return PHI_TABLES[num_scales]
     if num_phi == 1:
         return (0,) * num_scales
-    ticks = (torch.linspace(1 / (3 * num_phi), 1 - 1 / (3 * num_phi), num_phi, dtype=torch.float64) if num_phi == 4
-             else torch.linspace(1 / (2 * num_phi), 1 - 1 / (2 * num_phi), num_phi, dtype=torch.float64))
-    pos = torch.arange(num_scales, dtype=torch.float64) / max(num_scales - 1, 1)
+    cpu = dict(dtype=torch.float64, device="cpu")  # a table of ints: also under a meta-device build
+    ticks = (torch.linspace(1 / (3 * num_phi), 1 - 1 / (3 * num_phi), num_phi, **cpu) if num_phi == 4
+             else torch.linspace(1 / (2 * num_phi), 1 - 1 / (2 * num_phi), num_phi, **cpu))
+    pos = torch.arange(num_scales, **cpu) / max(num_scales - 1, 1)
     return tuple(int(i) for i in (pos[:, None] - ticks[None]).abs().argmin(1))
 
 
