@@ -53,9 +53,8 @@ def test_transformer_init_matches_var_formulas(shared_aln):
             assert torch.allclose(p, torch.full_like(p, math.log(4.0))), n
 
 
-@pytest.mark.xfail(strict=True, reason="VAR's init_weights draws every Conv truncated-normal(0.02), bias 0 (B.7), which "
-                   "covers VARSR's LR encoder; arsr's PrefixTokens convs keep PyTorch's default init")
 def test_lr_encoder_convs_follow_var_conv_init():
+    """VAR's init_weights draws every Conv truncated-normal(0.02), bias 0 (B.7): VARSR's LR encoder too."""
     m = build(cond=PrefixTokens((8, 16, 32), grid=4))
     convs = [mod for mod in m.conditioning.modules() if isinstance(mod, torch.nn.Conv2d)]
     assert std_of(*[c.weight for c in convs]) == pytest.approx(0.02, rel=0.05)

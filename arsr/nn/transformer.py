@@ -233,6 +233,10 @@ class NextScaleTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.trunc_normal_(m.weight, std=std)
+            elif isinstance(m, nn.Conv2d):  # VAR's conv_std_or_gain 0.02 (VARSR's LR encoder)
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
