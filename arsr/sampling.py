@@ -16,7 +16,7 @@ A backbone takes part by providing
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +40,18 @@ class Sampled:
     hidden: Tensor
     cond: Tensor
     logits: list[Tensor]
+
+
+@contextmanager
+def caching(attentions: list):
+    """KV cache on for these self-attention modules (``cache = {}``) for the duration, then off."""
+    for a in attentions:
+        a.cache = {}
+    try:
+        yield
+    finally:
+        for a in attentions:
+            a.cache = None
 
 
 def per_scale(value: float | list[float], si: int) -> float:

@@ -16,7 +16,6 @@ scale k's bits. Sampling goes through :func:`arsr.sampling.sample_scales`.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +27,7 @@ from arsr import schedules
 from arsr.interfaces import Head, TextConditioning
 from arsr.nn.attention import AttentionImpl, block_causal_mask
 from arsr.nn.transformer import FFN, SelfAttention
-from arsr.sampling import StepState
+from arsr.sampling import StepState, caching
 
 
 def infinity_rope(schedule: schedules.Schedule, head_dim: int, theta: float = 10000.0, grid: int = 128) -> Tensor:
@@ -316,12 +315,5 @@ class InfinityTransformer(nn.Module):
         L = x_all.shape[1]
         return self.run_blocks(x_all, state, 0, block_causal_mask(self.lvl_1L[:L].to(x.device), "sdpa", x.dtype))[:, -x.shape[1]:]
 
-    @contextmanager
     def kv_cache(self):
-        for block in self.blocks:
-            block.sa.cache = {}
-        try:
-            yield
-        finally:
-            for block in self.blocks:
-                block.sa.cache = None
+        return caching([block.sa for block in self.blocks])

@@ -14,7 +14,6 @@ positions of scale k's tokens predict scale k (the start tokens predict scale 1)
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 from arsr.interfaces import Conditioning, Head, Layout, PositionalEncoding, Quantizer, TextConditioning
 from arsr.nn.attention import AttentionImpl, attend, block_causal_mask
-from arsr.sampling import StepState, sample_scales
+from arsr.sampling import StepState, caching, sample_scales
 
 
 def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
@@ -353,15 +352,8 @@ class NextScaleTransformer(nn.Module):
         L = x_all.shape[1]
         return self.run_blocks(x_all, state.cond, 0, self.mask(x.device)[:L, :L].to(x.dtype), state.extra["text"])[:, -n:]
 
-    @contextmanager
     def kv_cache(self):
-        for block in self.blocks:
-            block.attn.cache = {}
-        try:
-            yield
-        finally:
-            for block in self.blocks:
-                block.attn.cache = None
+        return caching([block.attn for block in self.blocks])
 
     @torch.no_grad()
     def generate(
