@@ -120,19 +120,11 @@ class Quantizer(nn.Module, ABC):
 
     @property
     def vae_schedule(self) -> tuple[tuple[int, int], ...]:
-        return self.__dict__.get("_vae_schedule", self.schedule)
-
-    @vae_schedule.setter
-    def vae_schedule(self, value) -> None:
-        self.__dict__["_vae_schedule"] = tuple(value)
+        return self.schedule
 
     @property
     def token_dim(self) -> int:
-        return self.__dict__.get("_token_dim", self.dim)
-
-    @token_dim.setter
-    def token_dim(self, value: int) -> None:
-        self.__dict__["_token_dim"] = value
+        return self.dim
 
     @property
     def output_steps(self) -> tuple[int, ...]:
