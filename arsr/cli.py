@@ -157,7 +157,8 @@ class ARSRCLI(LightningCLI):
                       f"{', '.join(names)}", file=sys.stderr)
 
     def before_instantiate_classes(self) -> None:
-        cfg = self.config[self.config.subcommand]
+        sub = self.config.get("subcommand")  # None when built with run=False (from Python)
+        cfg = self.config[sub] if sub else self.config
         check_values(cfg)
         log = run_logger_args(cfg)
         if log is not None:
@@ -166,7 +167,7 @@ class ARSRCLI(LightningCLI):
             # a resumed fit continues its run's folder; TensorBoard adds an events file there, while
             # Lightning's CSVLogger would rewrite metrics.csv, so a CSV run resumes into a new version
             tensorboard = str(cfg.trainer.logger.get("class_path", "")).endswith("TensorBoardLogger")
-            if self.config.subcommand == "fit" and log.version is None and tensorboard:
+            if sub == "fit" and log.version is None and tensorboard:
                 log.version = self._pinned_version = resume_version(cfg.get("ckpt_path"), Path(log.save_dir) / str(log.name))
         model = (cfg.get("model") or Namespace()).get("init_args") or Namespace()
         if rank_zero_only.rank == 0:
@@ -176,7 +177,8 @@ class ARSRCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         if self._pinned_version is not None:  # the saved config keeps version null: reusing it starts a new run
-            run_logger_args(self.config[self.config.subcommand]).version = None
+            sub = self.config.get("subcommand")
+            run_logger_args(self.config[sub] if sub else self.config).version = None
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         plugins = config.get("plugins") or []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,60 @@ class Degradation(nn.Module, ABC):
     def forward(self, hr: Tensor, generator: torch.Generator | None = None, seeds: Sequence[int] | None = None) -> DegradedBatch:
         """hr: (B, 3, H, W) in [0, 1]; H and W divisible by ``scale``. ``seeds``: one per sample (the data
         module's), so a sample degrades the same in any batch; without them draws come from ``generator``."""
+
+
+@dataclass
+class SRBatch:
+    """A batch of SR pairs as the tasks see it (the data module's dict, typed); images in [0, 1].
+
+    hr:       (B, 3, H, W) target
+    lr:       (B, 3, H/s, W/s) input
+    lr_up:    (B, 3, H, W) ``lr`` resized to the HR size
+    caption:  one per sample (captioned shards, ``<name>.txt`` beside predict inputs), or None
+    quality:  (B,) 1 positive / 0 negative / -1 unlabelled (VARSR's quality labels)
+    degraded: (B,) bool, False for the clean branch of the degradation (MSVAR's classes)
+    label:    (B,) class labels (class-to-image shards), -1 unlabelled
+    key:      sample names; stats: data-cleaning counts of this batch, for logging
+    """
+
+    hr: Tensor
+    lr: Tensor | None = None
+    lr_up: Tensor | None = None
+    caption: list[str] | None = None
+    quality: Tensor | None = None
+    degraded: Tensor | None = None
+    label: Tensor | None = None
+    key: list[str] | None = None
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, batch: dict | SRBatch) -> SRBatch:
+        """The typed view of a loader's dict (keys the tasks do not read are left out)."""
+        if isinstance(batch, SRBatch):
+            return batch
+        names = {f.name for f in fields(cls)}
+        b = cls(**{k: v for k, v in batch.items() if k in names and v is not None})
+        if isinstance(b.caption, str):
+            b.caption = [b.caption]
+        elif b.caption is not None:
+            b.caption = list(b.caption)
+        return b
+
+    def __len__(self) -> int:
+        return self.hr.shape[0]
+
+    def need(self, name: str, why: str) -> Tensor:
+        """The field ``name``, or a one-line error saying who needs it and how to provide it."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"the batch has no {name!r}: {why}")
+        return value
+
+    def head(self, n: int) -> SRBatch:
+        """The first n samples."""
+        cut = lambda v: v[:n] if v is not None else None
+        return SRBatch(cut(self.hr), cut(self.lr), cut(self.lr_up), cut(self.caption), cut(self.quality), cut(self.degraded),
+                       cut(self.label), cut(self.key), self.stats)
 
 
 @dataclass
@@ -313,7 +367,7 @@ class Labels(ABC):
     neg_label: int | None = None
 
     @abstractmethod
-    def __call__(self, batch: dict) -> Tensor:
+    def __call__(self, batch: SRBatch) -> Tensor:
         """batch -> (B,) long labels."""
 
     def inference(self, batch_size: int, device) -> Tensor:
@@ -325,9 +379,9 @@ class Labels(ABC):
 class ARContext:
     """What a regularizer sees of one teacher-forced training step."""
 
-    model: nn.Module  # the NextScaleTransformer
+    model: nn.Module  # the backbone
     tokenizer: nn.Module
-    batch: dict
+    batch: SRBatch
     labels: Tensor
     prefix_input: Tensor | None
     tokens: list[Tensor]  # HR tokens per scale
@@ -342,7 +396,9 @@ class Regularizer(nn.Module, ABC):
     ``logs`` holds extra scalars of the last call, for logging.
     """
 
-    logs: dict[str, Tensor] = {}
+    def __init__(self):
+        super().__init__()
+        self.logs: dict[str, Tensor] = {}
 
     @abstractmethod
     def forward(self, ctx: ARContext) -> dict[str, Tensor]:
@@ -370,10 +426,22 @@ class Refiner(nn.Module, ABC):
 class TextConditioning(nn.Module, ABC):
     """Encodes captions / prompts for cross-attention (Infinity / NSARM).
 
-    Attribute ``dim``: width of the features it returns.
+    Attributes: ``dim``, width of the features it returns; ``prompt``, a fixed prompt that replaces
+    every caption (NSARM's "Fixed" ablation), or None.
     """
 
     dim: int
+    prompt: str | None = None
+
+    def captions(self, captions: list[str] | None, n: int) -> list[str]:
+        """The n prompts a batch is conditioned on: the fixed prompt, else the captions, else empty prompts."""
+        if self.prompt is not None:
+            return [self.prompt] * n
+        if captions is None:
+            return [""] * n
+        if len(captions) != n:
+            raise ValueError(f"{len(captions)} captions for a batch of {n} images")
+        return list(captions)
 
     @abstractmethod
     def forward(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:

@@ -54,6 +54,18 @@ def caching(attentions: list):
             a.cache = None
 
 
+def cfg_pair(x: Tensor, negative: Tensor | None = None) -> Tensor:
+    """The batch of a guided forward: [conditional; unconditional] rows, (B, ...) -> (2B, ...).
+    ``negative``: the unconditional half (default: ``x`` again, for inputs both halves share)."""
+    return torch.cat([x, x if negative is None else negative])
+
+
+def cfg_mix(out: Tensor, w: float) -> Tensor:
+    """Guided output of a [conditional; unconditional] pair (2B, ...): (1 + w) cond - w uncond, (B, ...)."""
+    cond, uncond = out.chunk(2)
+    return (1 + w) * cond - w * uncond
+
+
 def per_scale(value: float | list[float], si: int) -> float:
     return value[si] if isinstance(value, (list, tuple)) else value
 
@@ -96,8 +108,7 @@ def sample_scales(
                 h = model.step(x, si, state)
                 logits = model.head(h, state.cond) / per_scale(temperature, si)
                 if guided:
-                    w = weights[si]
-                    logits = (1 + w) * logits[:B] - w * logits[B:]
+                    logits = cfg_mix(logits, weights[si])
                 tok = model.head.sample(logits, top_k, top_p, 1.0, generator)
                 if si < len(forced):
                     tok = forced[si].to(tok.dtype)
@@ -105,7 +116,7 @@ def sample_scales(
                 logits_out.append(logits)
                 if si + 1 < K:
                     x = model.embed(quantizer.step_input(tokens))
-                    x = torch.cat([x, x]) if guided else x
+                    x = cfg_pair(x) if guided else x
     finally:
         model.train(was_training)
     return Sampled(tokens, h, state.cond, logits_out)

@@ -12,6 +12,7 @@ from PIL import Image
 from arsr.components.conditioning import ClassLabels
 from arsr.data import BadSample, pack_folder
 from arsr.data.samples import parse_meta
+from arsr.interfaces import SRBatch
 
 
 def labelled_folder(root, per_class=2):
@@ -55,7 +56,10 @@ def test_label_field_is_type_checked(label):
 
 def test_class_labels_policy():
     labels = ClassLabels(num_classes=5, cfg=4.0, sample_classes=[3, 1])
-    assert labels(({"label": torch.tensor([0, 4, -1])})).tolist() == [0, 4, 5]  # unlabelled -> the null class
+    batch = SRBatch(hr=torch.zeros(3, 3, 8, 8), label=torch.tensor([0, 4, -1]))
+    assert labels(batch).tolist() == [0, 4, 5]  # unlabelled -> the null class
+    with pytest.raises(ValueError, match="no 'label'.*--class_from"):
+        labels(SRBatch(hr=torch.zeros(3, 3, 8, 8)))
     assert labels.inference(5, "cpu").tolist() == [3, 1, 3, 1, 3]
     assert ClassLabels(3).inference(5, "cpu").tolist() == [0, 1, 2, 0, 1]
     assert labels.neg_label is None and labels.cfg == 4.0  # CFG against the transformer's null class
@@ -69,14 +73,14 @@ def test_c2i_model_trains_without_lr_and_samples_classes_with_cfg():
     from arsr.components.quantizers import MultiScaleVQ
     from arsr.nn.transformer import NextScaleTransformer
     from arsr.nn.vae import VQVAE
-    from arsr.tasks.ar import ARFinetune
+    from arsr.tasks.ar import ARFinetune, Inference, Training
 
     torch.manual_seed(0)
     pn = (1, 2, 4)
     tok = VQVAE(MultiScaleVQ(32, 8, pn), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
     tr = NextScaleTransformer(SARoPE(), IndexHead(32), None, depth=2, width=64, heads=2, latent_dim=8, patch_nums=pn,
                               num_classes=4, null_class=3, cond_drop=0.1, init_adaln_gamma=0.1)
-    task = ARFinetune(tr, tok, ClassLabels(3, cfg=4.0), sample_top_k=4)
+    task = ARFinetune(tr, tok, ClassLabels(3, cfg=4.0), inference=Inference(top_k=4))
     task.log = task.log_dict = lambda *a, **k: None
     g = torch.Generator().manual_seed(0)
     batch = {"hr": torch.rand(4, 3, 16, 16, generator=g), "lr": torch.rand(4, 3, 4, 4, generator=g),

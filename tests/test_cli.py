@@ -36,13 +36,13 @@ def test_help_lists_subcommands_and_recipes(capsys):
 
 def test_short_class_names_of_every_family(capsys):
     assert main(["fit", "--config", QUICK_AR, "--model.init_args.labels", "DegradationClasses", "--model.init_args.regularizer", "DPO",
-                 "--model.init_args.transformer.init_args.pos_enc", "LearnedResampled", "--model.init_args.postprocess", "ColorFix",
+                 "--model.init_args.transformer.init_args.pos_enc", "LearnedResampled", "--model.init_args.inference.postprocess", "ColorFix",
                  "--print_config"]) == 0
     m = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert m["labels"]["class_path"] == "arsr.components.conditioning.DegradationClasses"
     assert m["regularizer"]["class_path"] == "arsr.components.regularizers.DPO"
     assert m["transformer"]["init_args"]["pos_enc"]["class_path"] == "arsr.components.posenc.LearnedResampled"
-    assert m["postprocess"]["class_path"] == "arsr.components.postprocess.ColorFix"
+    assert m["inference"]["postprocess"]["class_path"] == "arsr.components.postprocess.ColorFix"
 
 
 def test_convert_help_and_config_ready_yaml(tmp_path, monkeypatch, capsys):

@@ -27,7 +27,7 @@ def run(tmp_path, strategy: list[str]):
 @pytest.mark.parametrize("strategy", [["--trainer.strategy", "ddp"],
                                       ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
                                        "--trainer.strategy.save_distributed_checkpoint", "false",
-                                       "--model.init_args.activation_checkpointing", "true"]],
+                                       "--model.init_args.training.activation_checkpointing", "true"]],
                          ids=["ddp", "fsdp2"])
 def test_two_process_cpu(tmp_path, strategy):
     r = run(tmp_path, strategy)

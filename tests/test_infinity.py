@@ -250,14 +250,13 @@ def test_tiny_infinity_trains_on_captioned_shards_and_samples(t5):
     from arsr.data import ShardDataModule
     from arsr.nn.vae import VQVAE
     from arsr.optim import AdamW
-    from arsr.tasks.ar import ARFinetune
+    from arsr.tasks.ar import ARFinetune, Inference, Training
 
     L.seed_everything(0)
     tok = VQVAE(MultiScaleBSQ(dim=8, schedule=[1, 2, 4, 8]), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
                 using_mid_sa=False, quant_conv_ks=0)
     tr = InfinityTransformer(text=t5, token_dim=8, text_channels=128, text_maxlen=64, depth=2, width=64, heads=4, cond_drop=0.1)
-    task = ARFinetune(tr, tok, optimizer=lambda p: AdamW(p, lr=3e-3), val_samples=0, sample_cfg=3.0, sample_top_k=0,
-                      sample_temperature=0.5, sample_top_p=0.97)
+    task = ARFinetune(tr, tok, optimizer=lambda p: AdamW(p, lr=3e-3), inference=Inference(cfg=3.0, top_k=0, temperature=0.5, top_p=0.97, val_samples=0))
     losses = []
 
     class Record(L.Callback):

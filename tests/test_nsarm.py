@@ -15,7 +15,7 @@ from arsr.components.postprocess import ColorFix
 from arsr.components.quantizers import MultiScaleBSQ
 from arsr.nn.infinity import InfinityTransformer
 from arsr.nn.vae import VQVAE
-from arsr.tasks.ar import ARFinetune
+from arsr.tasks.ar import ARFinetune, Inference, Training
 
 from conftest import ROOT, SAMPLE
 
@@ -80,8 +80,8 @@ def stage2_task():
     tr = InfinityTransformer(text=T5TextEncoder(str(SAMPLE / "tiny_t5")), token_dim=8, text_channels=128, text_maxlen=64,
                              depth=2, width=64, heads=4, schedule="0.06M")
     net = NSARMTransformationNet(latent_dim=8, grid=4, sides=[1, 2, 4], dims=[32, 32, 32], layers=[1, 1, 1], heads=[2, 2, 2], stem=[16, 16])
-    return ARFinetune(tr, tiny_tokenizer(), scale_predictor=net, postprocess=ColorFix(), scale_weighting="sqrt_area",
-                      sample_cfg=1.0, sample_temperature=0.5, sample_top_k=0, sample_top_p=0.97)
+    return ARFinetune(tr, tiny_tokenizer(), scale_predictor=net, training=Training(scale_weighting="sqrt_area"),
+                      inference=Inference(cfg=1.0, temperature=0.5, top_k=0, top_p=0.97, postprocess=ColorFix()))
 
 
 def batch(n: int = 2, seed: int = 0) -> dict:

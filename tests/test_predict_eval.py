@@ -87,14 +87,14 @@ def tiny_msvar():
     from arsr.components.quantizers import HierarchicalRQ
     from arsr.nn.transformer import NextScaleTransformer
     from arsr.nn.vae import HierarchicalVQVAE
-    from arsr.tasks.ar import ARFinetune
+    from arsr.tasks.ar import ARFinetune, Inference, Training
 
     torch.manual_seed(0)
     pn = (1, 2, 3, 4, 6, 8)
     tok = HierarchicalVQVAE(HierarchicalRQ(32, 8, pn, (2, 4, 8)), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
     tr = NextScaleTransformer(LearnedResampled(grid=8), IndexHead(32), EncoderFeatures(grid=8, latent_dim=8), depth=1,
                               width=32, heads=2, latent_dim=8, patch_nums=pn, num_classes=3, null_class=2)
-    return ARFinetune(tr, tok, DegradationClasses(), tile_overlap=2).eval()
+    return ARFinetune(tr, tok, DegradationClasses(), inference=Inference(tile_overlap=2)).eval()
 
 
 def test_test_step_scores_every_output(tiny_msvar):

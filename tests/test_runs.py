@@ -18,7 +18,7 @@ from conftest import ROOT, SAMPLE
 
 TINY = ["--data.init_args.train_shards", str(SAMPLE / "train-{000000..000001}.tar"), "--data.init_args.val_shards", "null",
         "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2", "--trainer.max_steps", "1",
-        "--model.init_args.image_log_every", "0", "--trainer.enable_progress_bar", "false"]
+        "--trainer.enable_progress_bar", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ validation shards only feed the end-of-fit side-by-side image and ``arsr test``)
     os.chdir(root)
     try:
         for _ in range(2):
-            assert main(["fit", "--config", str(ROOT / "recipes/quickstart_tokenizer.yaml"), *TINY]) == 0
-        assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--name", "sr", "--trainer.num_sanity_val_steps", "0",
+            assert main(["fit", "--config", str(ROOT / "recipes/quickstart_tokenizer.yaml"), *TINY, "--model.init_args.image_log_every", "0"]) == 0
+        assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--model.init_args.image_log_every", "0", "--name", "sr", "--trainer.num_sanity_val_steps", "0",
                      "--data.init_args.val_shards", str(SAMPLE / "val-000000.tar")]) == 0
         yield root
     finally:
@@ -80,8 +80,8 @@ def test_sampling_flags_apply_after_ckpt_path(runs, tmp_path):
         out = tmp_path / f"sr{seed}"
         assert main(["predict", "--config", str(run / "config.yaml"), "--config", str(ROOT / "recipes/predict.yaml"),
                      "--ckpt_path", str(run / "checkpoints/last.ckpt"), "--data.init_args.inputs", f"[{tmp_path / 'a.png'}]",
-                     "--trainer.callbacks.init_args.out_dir", str(out), "--model.init_args.sample_top_k", "0",
-                     "--model.init_args.seed", seed]) == 0
+                     "--trainer.callbacks.init_args.out_dir", str(out), "--model.init_args.inference.top_k", "0",
+                     "--model.init_args.inference.seed", seed]) == 0
         outs[seed] = np.asarray(Image.open(out / "a.png"))
     assert outs["1"].shape == (64, 64, 3) and not np.array_equal(outs["1"], outs["2"])
 

@@ -16,7 +16,7 @@ from arsr.components.regularizers import DPO
 from arsr.nn.infinity import InfinityTransformer
 from arsr.nn.transformer import NextScaleTransformer
 from arsr.nn.vae import HierarchicalVQVAE, VQVAE
-from arsr.tasks.ar import ARFinetune
+from arsr.tasks.ar import ARFinetune, Inference, Training
 
 from conftest import SAMPLE
 
@@ -65,17 +65,17 @@ COMBOS = {
     "bsq_var_prefix_bitwise_refiner": lambda: dict(transformer=var(PN, SARoPE(), PrefixTokens((8, 16, 32), grid=8), head=BitwiseHead(8)),
                                                    tokenizer=tokenizer("bsq"), labels=ConstantLabel(0), refiner=refiner()),
     "nsarm_infinity_map_net_dpo_colorfix": lambda: dict(
-        transformer=infinity(), tokenizer=tokenizer("bsq"), regularizer=DPO(beta=0.1), postprocess=ColorFix(),
+        transformer=infinity(), tokenizer=tokenizer("bsq"), regularizer=DPO(beta=0.1),
         scale_predictor=NSARMTransformationNet(latent_dim=8, grid=2, sides=[1, 2], dims=[32, 32], layers=[1, 1], heads=[2, 2], stem=[16, 16]),
-        sample_cfg=1.0),
-    "infinity_bsq_refiner_cfg": lambda: dict(transformer=infinity(), tokenizer=tokenizer("bsq"), refiner=refiner(), sample_cfg=3.0),
+        inference=Inference(cfg=1.0, top_k=0, top_p=0.9, val_samples=0, postprocess=ColorFix())),
+    "infinity_bsq_refiner_cfg": lambda: dict(transformer=infinity(), tokenizer=tokenizer("bsq"), refiner=refiner(), inference=Inference(cfg=3.0, top_k=0, top_p=0.9, val_samples=0)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(COMBOS))
 def test_combination_trains_a_step_and_samples(name):
     torch.manual_seed(0)
-    task = ARFinetune(**COMBOS[name](), val_samples=0, sample_top_k=0, sample_top_p=0.9)
+    task = ARFinetune(**(dict(inference=Inference(top_k=0, top_p=0.9, val_samples=0)) | COMBOS[name]()))
     task.log = task.log_dict = lambda *a, **k: None
     g = torch.Generator().manual_seed(0)
     hr = torch.rand(2, 3, 32, 32, generator=g)
@@ -121,3 +121,32 @@ def test_sizes_come_from_the_tokenizer():
     assert task.transformer.head.head.out_features == 64
     bits = ARFinetune(NextScaleTransformer(SARoPE(), BitwiseHead(), depth=2, width=64, heads=4, num_classes=2, null_class=1), tokenizer("bsq"))
     assert bits.transformer.head.head.out_features == 16
+
+
+@pytest.mark.parametrize("name", ["varsr_vq_sarope_prefix_cfg_refiner", "msvar_rq_learned_encoder_dpo", "nsarm_infinity_map_net_dpo_colorfix",
+                                  "bsq_var_bitwise_text_transformation_net"])
+def test_training_step_and_sampling_never_wait_for_the_device(name):
+    """GPU hot paths without host syncs: the batch is wrapped as a stand-in device tensor
+    (:func:`arsr.testing.on_device`) that raises on ``.item()``, ``.tolist()``, ``if t:``,
+    boolean-mask indexing and the like; a training step (Bitwise Self-Correction on for BSQ),
+    its backward and KV-cache sampling with CFG run through without one."""
+    from arsr.testing import on_device
+
+    torch.manual_seed(0)
+    parts = COMBOS[name]()
+    if isinstance(parts["tokenizer"].quantize, MultiScaleBSQ):
+        parts["tokenizer"].quantize.bsc_scales = 2
+    task = ARFinetune(**(dict(inference=Inference(top_k=0, top_p=0.9, val_samples=0)) | parts))
+    task.log = task.log_dict = lambda *a, **k: None
+    hr = torch.rand(2, 3, 32, 32)
+    lr = torch.nn.functional.interpolate(hr, size=(8, 8), mode="area")
+    batch = on_device({"hr": hr, "lr": lr, "lr_up": torch.nn.functional.interpolate(lr, size=(32, 32), mode="bicubic").clamp(0, 1),
+                       "quality": torch.tensor([0, 1]), "degraded": torch.tensor([True, False])}) | {"caption": ["a cat", "a tree"]}
+    task.train()
+    loss = task.training_step(batch, 0)
+    loss.backward()
+    assert type(loss).__name__ == "DeviceTensor"  # the check really followed the batch through the step
+    task.eval()
+    tokens, f_hat = task.sample_tokens(batch["lr_up"] * 2 - 1, generator=torch.Generator().manual_seed(0), lr=batch["lr"] * 2 - 1,
+                                       captions=["a cat", "a tree"], cfg=2.0)
+    assert f_hat.shape[0] == 2 and type(f_hat).__name__ == "DeviceTensor"

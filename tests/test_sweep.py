@@ -8,7 +8,7 @@ from conftest import ROOT, SAMPLE
 
 POS = "model.init_args.transformer.init_args.pos_enc"
 TINY = ["--model.init_args.tokenizer_from", "null", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
-        "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--model.init_args.val_samples", "0",
+        "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--model.init_args.inference.val_samples", "0",
         "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
         "--data.init_args.train_shards", str(SAMPLE / "train-{000000..000001}.tar"),
         "--data.init_args.val_shards", str(SAMPLE / "val-000000.tar")]

@@ -169,8 +169,12 @@ def test_text_cross_attention_cache_cfg_and_dropout():
     q = MultiScaleBSQ(4, PN)
     label, caps = torch.tensor([0, 0]), ["a red cup", "galaxies"]
     x = torch.randn(2, 29, 4)
-    with pytest.raises(ValueError, match="pass captions"):
-        m(label, x)
+    assert torch.allclose(m(label, x), m(label, x, captions=["", ""]))  # no captions: the empty prompt
+    m.text.prompt = "a red cup"  # NSARM's fixed prompt replaces every caption
+    assert torch.allclose(m(label, x, captions=["x", "y"]), m(label, x, captions=["a red cup"] * 2))
+    m.text.prompt = None
+    with pytest.raises(ValueError, match="3 captions for a batch of 2"):
+        m(label, x, captions=["a", "b", "c"])
     a, b = m(label, x, captions=caps), m(label, x, captions=["a red cup", "a cat"])
     assert torch.allclose(a[0], b[0], atol=1e-6) and not torch.allclose(a[1], b[1])  # each sample sees its own caption
     g = lambda: torch.Generator().manual_seed(1)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -100,7 +101,7 @@ def _ar_task(preset: str, size: int, refiner: bool = True):
     from arsr.components.refiners import DiffusionRefiner
     from arsr.nn.transformer import NextScaleTransformer
     from arsr.nn.vae import VQVAE
-    from arsr.tasks.ar import ARFinetune
+    from arsr.tasks.ar import ARFinetune, Inference, Training
 
     pn = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}[size]
     if preset == "d16":
@@ -151,7 +152,7 @@ def predict(preset: str = "small", lr_size: int = 64, iters: int = 2, device: st
     lr = torch.rand(1, 3, lr_size, lr_size, device=device)
     for use_cache in (True, False):
         for c in (0.0, cfg):
-            task.sample_cfg = c
+            task.inference = dataclasses.replace(task.inference, cfg=c)
             lr_up = torch.nn.functional.interpolate(lr, size=(size, size), mode="bicubic") * 2 - 1
             run = lambda: task.sample_tokens(lr_up, use_cache=use_cache)
             t = _timeit(run, 0, iters, device)
@@ -191,7 +192,7 @@ def nsarm(preset: str = "tiny", schedule: str = "0.06M", batch: int = 2, iters: 
     from arsr.nn.infinity import InfinityTransformer
     from arsr.nn.vae import VQVAE
     from arsr.optim import AdamW
-    from arsr.tasks.ar import ARFinetune
+    from arsr.tasks.ar import ARFinetune, Inference, Training
 
     torch.manual_seed(0)
     sizes = {"tiny": dict(depth=2, width=64, heads=4), "layer12": dict(depth=12, width=768, heads=8)}[preset]
@@ -203,8 +204,8 @@ def nsarm(preset: str = "tiny", schedule: str = "0.06M", batch: int = 2, iters: 
     net = NSARMTransformationNet(latent_dim=q.dim, grid=grid, sides=sides, dims=[32] * len(sides), layers=[1] * len(sides),
                                  heads=[2] * len(sides), stem=[16, 16])
     tr = InfinityTransformer(text=T5TextEncoder("recipes/sample_data/tiny_t5"), token_dim=q.dim, text_channels=128, text_maxlen=64, **sizes)
-    task = ARFinetune(tr, tok, scale_predictor=net, postprocess=ColorFix(), scale_weighting="sqrt_area", sample_cfg=cfg,
-                      sample_temperature=0.5, sample_top_k=0, sample_top_p=0.97).to(device)
+    task = ARFinetune(tr, tok, scale_predictor=net, training=Training(scale_weighting="sqrt_area"),
+                      inference=Inference(cfg=cfg, temperature=0.5, top_k=0, top_p=0.97, postprocess=ColorFix())).to(device)
     task.log = task.log_dict = lambda *a, **k: None
     px = task.native_size
     hr = torch.rand(batch, 3, px, px, device=device)

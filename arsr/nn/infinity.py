@@ -27,7 +27,7 @@ from arsr import schedules
 from arsr.interfaces import Head, TextConditioning
 from arsr.nn.attention import AttentionImpl, block_causal_mask
 from arsr.nn.transformer import FFN, SelfAttention
-from arsr.sampling import StepState, caching
+from arsr.sampling import StepState, caching, cfg_pair
 
 
 def infinity_rope(schedule: schedules.Schedule, head_dim: int, theta: float = 10000.0, grid: int = 128) -> Tensor:
@@ -232,13 +232,14 @@ class InfinityTransformer(nn.Module):
         self.head.init_weights(init_head, init_adaln)
 
     # -- condition ----------------------------------------------------------------------------------
-    def encode_text(self, captions: list[str] | None = None, text: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """captions, or precomputed (features (B, T, text_channels), mask (B, T)) -> the same pair."""
+    def encode_text(self, n: int, captions: list[str] | None = None, text: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """The n captions (see :meth:`TextConditioning.captions`), or precomputed (features (n, T,
+        text_channels), mask (n, T)) -> the same pair."""
         if text is not None:
             return text
-        if captions is None or self.text is None:
-            raise ValueError("InfinityTransformer needs captions and a text encoder, or precomputed text features")
-        feats, mask, _ = self.text(captions)
+        if self.text is None:
+            raise ValueError("InfinityTransformer needs a text encoder (text: ...), or precomputed text features")
+        feats, mask, _ = self.text(self.text.captions(captions, n))
         return feats, mask
 
     def uncond_text(self, feats: Tensor, mask: Tensor) -> Tensor:
@@ -281,7 +282,7 @@ class InfinityTransformer(nn.Module):
         """Teacher-forced logits (B, L, token_dim, 2) for inputs (B, L - 1, token_dim) of scales 2..K.
         ``label`` and ``prefix_input`` are accepted for the task's common call and unused: the
         condition is the caption (``captions`` through the encoder, or ``text`` features)."""
-        feats, mask = self.encode_text(captions, text)
+        feats, mask = self.encode_text(inputs.shape[0], captions, text)
         drop = None
         if self.training and self.cond_drop > 0:
             drop = torch.rand(feats.shape[0], device=feats.device) < self.cond_drop
@@ -295,9 +296,9 @@ class InfinityTransformer(nn.Module):
     def begin(self, batch_size: int, guided: bool, captions: list[str] | None = None, text: tuple[Tensor, Tensor] | None = None,
               **_) -> StepState:
         """Condition for sampling; with guidance the batch doubles as [captions; null captions]."""
-        feats, mask = self.encode_text(captions, text)
+        feats, mask = self.encode_text(batch_size, captions, text)
         if guided:
-            feats, mask = torch.cat([feats, self.uncond_text(feats, mask)]), torch.cat([mask, mask])
+            feats, mask = cfg_pair(feats, self.uncond_text(feats, mask)), cfg_pair(mask)
         return self.condition(feats, mask)
 
     def guidance(self, cfg: float, si: int, num_scales: int) -> float:

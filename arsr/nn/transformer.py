@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from arsr.interfaces import Conditioning, Head, Layout, PositionalEncoding, Quantizer, TextConditioning
 from arsr.nn.attention import AttentionImpl, attend, block_causal_mask
-from arsr.sampling import StepState, caching, sample_scales
+from arsr.sampling import StepState, caching, cfg_pair, sample_scales
 
 
 def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
@@ -266,8 +266,6 @@ class NextScaleTransformer(nn.Module):
         cond = self.class_emb(label)
         if self.text is None:
             return cond, None
-        if captions is None:
-            raise ValueError("this transformer has a text encoder: pass captions (or set a fixed prompt)")
         feats, mask, pooled = self.text(captions)
         return cond + self.text_proj(pooled), (feats, mask)
 
@@ -305,7 +303,7 @@ class NextScaleTransformer(nn.Module):
         """label (B,), inputs (B, L - pn1^2, latent_dim) teacher-forcing inputs, prefix_input: LR for
         the conditioning, captions for the text encoder -> logits for every image position (B, L, ...)
         (and hidden states (B, L, C))."""
-        cond, text = self.condition(label, captions)
+        cond, text = self.condition(label, None if self.text is None else self.text.captions(captions, label.shape[0]))
         prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
         x = torch.cat([self.first_block(cond, prefix), self.word_embed(inputs.to(self.word_embed.weight.dtype))], dim=1)
         x = self._add_position(x, 0)
@@ -322,9 +320,10 @@ class NextScaleTransformer(nn.Module):
         B = batch_size
         if guided:
             neg = self.null_class if neg_label is None else neg_label
-            label = torch.cat([label, torch.full_like(label, neg if neg is not None else 0)])
-            prefix_input = None if prefix_input is None else torch.cat([prefix_input, prefix_input])
-            captions = None if captions is None else list(captions) + [""] * B
+            label = cfg_pair(label, torch.full_like(label, neg if neg is not None else 0))
+            prefix_input = None if prefix_input is None else cfg_pair(prefix_input)
+        if self.text is not None:
+            captions = self.text.captions(captions, B) + ([""] * B if guided else [])
         cond, text = self.condition(label, captions)
         prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
         return StepState(cond=cond, extra={"text": text, "first": self.first_block(cond, prefix), "seq": []})

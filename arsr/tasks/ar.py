@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -13,16 +13,13 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from arsr.checkpoint import load_into, load_weights
-from arsr.interfaces import ARContext, Labels, Refiner, Regularizer, ScalePredictor
+from arsr.inference import Inference, SuperResolution
+from arsr.interfaces import ARContext, Labels, Refiner, Regularizer, ScalePredictor, SRBatch
 from arsr.nn.infinity import InfinityTransformer
 from arsr.nn.transformer import NextScaleTransformer
-from arsr.components.degradations import upsample
-from arsr.postprocess import PostProcess
-from arsr.visual import log_sr_grid, sr_metrics
-from arsr.sampling import sample_scales
 from arsr.nn.vae import VQVAE
 from arsr.parallel import parallelize
-from arsr.predict import tiled_fhat
+from arsr.visual import log_sr_grid, sr_metrics
 
 from .base import ARSRTask, adamw
 
@@ -94,11 +91,6 @@ class _TokenizerTask(ARSRTask):
         print(f"arsr: init_from={self.init_from}: loaded {len(fits)} tensors; kept the initialisation of "
               f"{len(left_out)}: {left_out[:8]}{' ...' if len(left_out) > 8 else ''}")
 
-    @staticmethod
-    def images(batch: dict) -> tuple[Tensor, Tensor]:
-        """-> HR and LR (at its own size) in [-1, 1]."""
-        return batch["hr"] * 2 - 1, batch["lr"] * 2 - 1
-
 
 class TransformAlign(_TokenizerTask):
     """NSARM stage 1: train the transformation network to predict the first scales of the HR image's
@@ -126,22 +118,22 @@ class TransformAlign(_TokenizerTask):
             pyramid = self.quantizer.decompose(self.tokenizer.encode(hr))
         return (pyramid.residuals if self.target == "residual" else pyramid.codes)[: self.scale_predictor.num_scales]
 
-    def step(self, batch: dict, stage: str) -> Tensor:
-        hr, lr = self.images(batch)
-        pred = self.scale_predictor(lr)
-        per_scale = [F.mse_loss(p.float(), t) for p, t in zip(pred, self.targets(hr))]
+    def step(self, batch: SRBatch, stage: str) -> Tensor:
+        pred = self.scale_predictor(batch.lr * 2 - 1)
+        per_scale = [F.mse_loss(p.float(), t) for p, t in zip(pred, self.targets(batch.hr * 2 - 1))]
         loss = torch.stack(per_scale).mean()
-        bs = hr.shape[0]
+        bs = len(batch)
         self.log_dict({f"{stage}/mse_scale{i + 1}": l for i, l in enumerate(per_scale)}, batch_size=bs)
         self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self.log_data_stats(batch)
-        return self.step(batch, "train")
+        b = SRBatch.of(batch)
+        self.log_data_stats(b.stats)
+        return self.step(b, "train")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.step(batch, "val")
+        self.step(SRBatch.of(batch), "val")
 
 
 def bind_predictor(predictor: ScalePredictor, tokenizer: VQVAE) -> ScalePredictor:
@@ -157,44 +149,57 @@ def bind_predictor(predictor: ScalePredictor, tokenizer: VQVAE) -> ScalePredicto
     return predictor
 
 
-class ARFinetune(_TokenizerTask):
-    """Teacher-forced next-scale training of a backbone on tokens of the frozen tokenizer.
+@dataclass(frozen=True)
+class Training:
+    """How ARFinetune trains (the ``training:`` block of a recipe).
+
+    Attributes:
+        scale_weighting: ``uniform`` (mean over the trained tokens) or ``sqrt_area`` (Infinity's
+            reweight_loss_by_scale: the tokens of scale k weigh 1/sqrt(h_k w_k), normalised).
+        ce_on_substituted: with a scale predictor, also train the backbone on the substituted scales'
+            tokens (arsr default: no; they are given at inference).
+        init_strict: False loads only the tensors of ``init_from`` whose names and shapes match (the
+            rest is reported), e.g. MSVAR starting from var_d16.
+        activation_checkpointing: recompute every block in the backward pass.
+        compile: ``torch.compile`` every block.
+        fsdp_bf16_params: under FSDP2, compute with bf16 parameters (fp32 gradient reduction).
+    """
+
+    scale_weighting: Literal["uniform", "sqrt_area"] = "uniform"
+    ce_on_substituted: bool = False
+    init_strict: bool = True
+    activation_checkpointing: bool = False
+    compile: bool = False
+    fsdp_bf16_params: bool = False
+
+
+def _config(value, kind):
+    """A dataclass setting given as itself or as a dict of its fields (direct Python construction)."""
+    return kind(**value) if isinstance(value, dict) else value
+
+
+class ARFinetune(SuperResolution, _TokenizerTask):
+    """Teacher-forced next-scale training of a backbone on tokens of the frozen tokenizer; sampling,
+    tiling, predict and test come from :class:`arsr.inference.SuperResolution`.
 
     Args:
         transformer: the backbone: VAR-family (:class:`NextScaleTransformer`, with its positional
             encoding, conditioning and head) or Infinity (:class:`InfinityTransformer`, captions).
         tokenizer: frozen tokenizer giving the target tokens (VQ indices or BSQ bits); its schedule
-            is the schedule of everything else.
-        labels: label policy (quality CFG, degradation classes, constant); None: label 0 and no
+            is the schedule of everything else (the backbone and the scale predictor bind to it).
+        labels: label policy (quality CFG, degradation classes, class labels); None: label 0 and no
             label-based guidance (Infinity / NSARM guide with the null caption).
         regularizer: optional extra loss (e.g. DPO).
         refiner: optional diffusion refiner of the last scale's residual.
         scale_predictor: NSARM: a transformation network whose predicted residuals replace the
             first scales; they are BSQ-quantised, later scales' inputs and labels are re-derived
             from them (Algorithm 2) and the loss reaches the network through those inputs.
-        postprocess: applied to every SR output at inference (e.g. NSARM's colour fix).
         tokenizer_from: safetensors weights of the tokenizer.
-        init_from: safetensors weights of everything else (transformer, refiner, scale predictor).
-        scale_weighting: ``uniform`` (mean over trained tokens) or ``sqrt_area`` (Infinity's
-            reweight_loss_by_scale: the tokens of scale k weigh 1/sqrt(h_k w_k), normalised).
-        ce_on_substituted: also train the backbone on the substituted scales' bits (arsr default:
-            no; they are given at inference).
-        sample_top_k, sample_top_p, sample_cfg, sample_temperature, seed: sampling settings for
-            validation, ``arsr predict`` and ``arsr test`` (sample_cfg None: the label policy's
-            cfg, or no guidance without labels). The meaning of cfg is the backbone's: VAR's
-            strength rising over scales (0 = off), Infinity's cfg * cond + (1 - cfg) * uncond (1 = off).
-        activation_checkpointing: recompute every block in the backward pass.
-        compile: ``torch.compile`` every block.
-        fsdp_bf16_params: under FSDP2, compute with bf16 parameters (fp32 gradient reduction).
-        scale, upsample_mode: SR factor and how the LR image is resized to the HR size at inference
-            (:func:`arsr.components.degradations.upsample`); training checks it equals the
-            degradation's (a ``random`` degradation resizes with bicubic at inference).
-        tile_overlap, tile_batch: latent-space tiling for inputs of any size (overlap in latent
-            cells; tiles per forward).
-        init_strict: False loads only the tensors of ``init_from`` whose names and shapes match.
-        prompt: with a text encoder in the transformer, a fixed prompt for every image (NSARM's
-            "Fixed" ablation); None uses each sample's caption (shards' captions; ``<name>.txt``
-            beside predict inputs).
+        init_from: safetensors weights of everything else (transformer, refiner, scale predictor);
+            a list merges several files (later ones win).
+        optimizer, lr_scheduler, image_log_every: as every arsr task (:class:`arsr.tasks.base.ARSRTask`).
+        training: :class:`Training` settings (loss weighting, init strictness, parallelism).
+        inference: :class:`arsr.inference.Inference` settings (sampling, tiling, post-processing).
     """
 
     def __init__(
@@ -205,82 +210,53 @@ class ARFinetune(_TokenizerTask):
         regularizer: Regularizer | None = None,
         refiner: Refiner | None = None,
         scale_predictor: ScalePredictor | None = None,
-        postprocess: PostProcess | None = None,
         tokenizer_from: str | None = None,
+        init_from: str | list[str] | None = None,
         optimizer: OptimizerCallable = adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
-        init_from: str | list[str] | None = None,
         image_log_every: int = 500,
-        scale_weighting: Literal["uniform", "sqrt_area"] = "uniform",
-        ce_on_substituted: bool = False,
-        sample_top_k: int = 1,
-        sample_top_p: float = 0.0,
-        val_samples: int = 4,
-        activation_checkpointing: bool = False,
-        compile: bool = False,
-        fsdp_bf16_params: bool = False,
-        scale: int = 4,
-        upsample_mode: Literal["bicubic", "bilinear", "area"] = "bicubic",
-        sample_cfg: float | None = None,
-        sample_temperature: float = 1.0,
-        seed: int = 0,
-        tile_overlap: int = 8,
-        tile_batch: int = 4,
-        init_strict: bool = True,
-        prompt: str | None = None,
+        training: Training = Training(),
+        inference: Inference = Inference(),
     ):
+        training, inference = _config(training, Training), _config(inference, Inference)
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         transformer.bind(tokenizer.quantize)
         self.transformer, self.labels, self.regularizer, self.refiner = transformer, labels, regularizer, refiner
         self.scale_predictor = None if scale_predictor is None else bind_predictor(scale_predictor, self.tokenizer)
-        self.postprocess = postprocess
+        self.postprocess = inference.postprocess  # registered, so it moves with the task
         if getattr(transformer, "conditioning", None) is not None:
             transformer.conditioning.attach_tokenizer(self.tokenizer)
-        self.scale_weighting, self.ce_on_substituted = scale_weighting, ce_on_substituted
-        self.sample_top_k, self.sample_top_p, self.val_samples = sample_top_k, sample_top_p, val_samples
-        self.activation_checkpointing, self.compile_blocks, self.fsdp_bf16_params = activation_checkpointing, compile, fsdp_bf16_params
-        self.init_strict, self.prompt = init_strict, prompt
-        self.scale, self.upsample_mode, self.sample_cfg = scale, upsample_mode, sample_cfg
-        self.sample_temperature, self.seed, self.tile_overlap, self.tile_batch = sample_temperature, seed, tile_overlap, tile_batch
-        sched = tokenizer.quantize.schedule
-        self.scale_bounds = [0] + torch.tensor([h * w for h, w in sched]).cumsum(0).tolist()
-        self.register_buffer("token_weights", self.weights_by_scale(sched), persistent=False)
+        self.training_config, self.inference = training, inference
+        self.init_strict = training.init_strict
+        self.register_buffer("token_weights", self.weights_by_scale(tokenizer.quantize.schedule), persistent=False)
 
     def setup(self, stage: str) -> None:
         """Training checks that inference resizes the LR as the degradation does for ``lr_up``."""
         deg = getattr(getattr(self._trainer, "datamodule", None), "degradation", None) if self._trainer is not None else None
         mode = getattr(deg, "upsample_mode", None)
-        if stage == "fit" and mode is not None and {"random": "bicubic"}.get(mode, mode) != self.upsample_mode:
-            raise ValueError(f"model upsample_mode {self.upsample_mode!r} differs from the degradation's {mode!r}: inference would resize "
-                             f"the LR unlike training; set --model.init_args.upsample_mode {({'random': 'bicubic'}).get(mode, mode)}")
+        if stage == "fit" and mode is not None and {"random": "bicubic"}.get(mode, mode) != self.inference.upsample_mode:
+            want = {"random": "bicubic"}.get(mode, mode)
+            raise ValueError(f"inference upsample_mode {self.inference.upsample_mode!r} differs from the degradation's {mode!r}: inference "
+                             f"would resize the LR unlike training; set --model.init_args.inference.upsample_mode {want}")
         super().setup(stage)
 
     def weights_by_scale(self, schedule) -> Tensor:
         """(L,) weight of each token in the loss, summing to 1 over the trained positions."""
-        mask = torch.ones(self.scale_bounds[-1], dtype=torch.bool)
-        if self.scale_predictor is not None and not self.ce_on_substituted:
-            mask[: self.scale_bounds[self.scale_predictor.num_scales]] = False  # substituted scales are given, not predicted
-        per_scale = [torch.full((h * w,), 1.0 if self.scale_weighting == "uniform" else (h * w) ** -0.5) for h, w in schedule]
-        w = torch.cat(per_scale) * mask
+        bounds = [0] + torch.tensor([h * w for h, w in schedule]).cumsum(0).tolist()
+        mask = torch.ones(bounds[-1], dtype=torch.bool)
+        if self.scale_predictor is not None and not self.training_config.ce_on_substituted:
+            mask[: bounds[self.scale_predictor.num_scales]] = False  # substituted scales are given, not predicted
+        uniform = self.training_config.scale_weighting == "uniform"
+        w = torch.cat([torch.full((h * w,), 1.0 if uniform else (h * w) ** -0.5) for h, w in schedule]) * mask
         return w / w.sum()
 
     @property
     def loss_mask(self) -> Tensor:
         return self.token_weights > 0
 
-    def captions(self, batch: dict, n: int) -> list[str] | None:
-        """The prompts a text-conditioned transformer sees: the fixed prompt, else the batch's captions."""
-        if getattr(self.transformer, "text", None) is None:
-            return None
-        if self.prompt is not None:
-            return [self.prompt] * n
-        caps = batch.get("caption")
-        caps = [caps] if isinstance(caps, str) else caps
-        return list(caps) if caps is not None else [""] * n
-
-    def batch_labels(self, batch: dict, n: int) -> Tensor:
-        return self.labels(batch) if self.labels is not None else torch.zeros(n, dtype=torch.long, device=self.device)
+    def batch_labels(self, batch: SRBatch) -> Tensor:
+        return self.labels(batch) if self.labels is not None else torch.zeros(len(batch), dtype=torch.long, device=self.device)
 
     def configure_model(self) -> None:
         """:func:`arsr.parallel.parallelize`: activation checkpointing and compile per block, then (under
@@ -288,18 +264,19 @@ class ARFinetune(_TokenizerTask):
         frozen tokenizer is replicated. Runs once."""
         if getattr(self, "_parallelized", False):
             return
+        t = self.training_config
         mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
         parallelize(self.transformer.blocks, (self.transformer, self.refiner, self.scale_predictor, self.regularizer),
-                    None if mesh is None else mesh["data_parallel"], self.activation_checkpointing, self.compile_blocks,
-                    torch.bfloat16 if mesh is not None and self.fsdp_bf16_params else None)
+                    None if mesh is None else mesh["data_parallel"], t.activation_checkpointing, t.compile,
+                    torch.bfloat16 if mesh is not None and t.fsdp_bf16_params else None)
         self._parallelized = True
 
-    def targets(self, hr: Tensor, lr: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+    def targets(self, batch: SRBatch) -> tuple[list[Tensor], Tensor, Tensor]:
         """-> tokens per scale, teacher-forcing inputs, latent f. With a scale predictor (NSARM
         stage 2) its residuals replace the first scales (Algorithm 2) and stay in the graph."""
         with torch.no_grad():
-            f = self.tokenizer.encode(hr)
-        substituted = self.scale_predictor(lr) if self.scale_predictor is not None else []
+            f = self.tokenizer.encode(batch.hr * 2 - 1)
+        substituted = self.scale_predictor(batch.lr * 2 - 1) if self.scale_predictor is not None else []
         tf = self.quantizer.teacher(f, substituted, corrupt=self.training)
         return tf.tokens, tf.inputs, f
 
@@ -307,161 +284,58 @@ class ARFinetune(_TokenizerTask):
         """Weighted per-token loss, summed over the sequence, mean over the batch."""
         return (self.transformer.head.token_loss(logits, torch.cat(tokens, dim=1)) * self.token_weights).sum(1).mean()
 
+    def accuracy(self, logits: Tensor, tokens: list[Tensor]) -> Tensor:
+        """Mean accuracy over the trained positions (masked by multiplication: no host sync)."""
+        mask = self.loss_mask
+        return (self.transformer.head.accuracy(logits, torch.cat(tokens, dim=1)) * mask).sum(1).mean() / mask.sum()
+
     def refiner_loss(self, h: Tensor, logits: Tensor, tokens: list[Tensor], f: Tensor) -> Tensor:
         """Refine the last scale: target = what remains of f after scales 1..K-1 and the model's own last token."""
         K, n_last = len(tokens), tokens[-1].shape[1]
         with torch.no_grad():
-            idx_hat = logits[:, -n_last:].argmax(-1)
-            code = self.quantizer.codes(idx_hat, K - 1)  # (B, d, pn, pn)
+            idx_hat = logits[:, -n_last:].argmax(-1)  # the most likely token (index, or each bit)
             rest = self.tokenizer.final_latent(f).float() - self.quantizer.indices_to_fhat(tokens, upto=K - 1)
-            target = rearrange(rest - code, "b d h w -> b (h w) d")
-        code_embed = self.transformer.word_embed(rearrange(code, "b d h w -> b (h w) d"))
-        return self.refiner.loss(h[:, -n_last:], code_embed, target)
+            target = rearrange(rest - self.quantizer.codes(idx_hat, K - 1), "b d h w -> b (h w) d")
+        return self.refiner.loss(h[:, -n_last:], self.code_embed(idx_hat, K - 1), target)
+
+    def forward_batch(self, batch: SRBatch):
+        """Teacher-forced pass -> (tokens, logits, hidden, latent f, labels, captions)."""
+        tokens, inputs, f = self.targets(batch)
+        labels = self.batch_labels(batch)
+        logits, h = self.transformer(labels, inputs, batch.lr_up * 2 - 1, return_hidden=True, captions=batch.caption)
+        return tokens, logits, h, f, labels
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self.log_data_stats(batch)
-        hr, lr = self.images(batch)
-        lr_up = batch["lr_up"] * 2 - 1
-        tokens, inputs, f = self.targets(hr, lr)
-        labels, captions = self.batch_labels(batch, hr.shape[0]), self.captions(batch, hr.shape[0])
-        logits, h = self.transformer(labels, inputs, lr_up, return_hidden=True, captions=captions)
+        b = SRBatch.of(batch)
+        self.log_data_stats(b.stats)
+        tokens, logits, h, f, labels = self.forward_batch(b)
         terms = {"ce": self.token_loss(logits, tokens)}
-        mask = self.loss_mask
         if self.regularizer is not None:
-            terms |= self.regularizer(ARContext(self.transformer, self.tokenizer, batch, labels, lr_up, tokens, logits, mask, captions))
+            terms |= self.regularizer(ARContext(self.transformer, self.tokenizer, b, labels, b.lr_up * 2 - 1, tokens, logits,
+                                                self.loss_mask, b.caption))
         if self.refiner is not None:
             terms["refiner"] = self.refiner_loss(h, logits, tokens, f)
         loss = sum(terms.values())
-        bs = hr.shape[0]
-        acc = self.transformer.head.accuracy(logits.detach(), torch.cat(tokens, dim=1))[:, mask].mean()
-        logs = {f"train/{k}": v for k, v in terms.items()} | {"train/acc": acc}
+        logs = {f"train/{k}": v for k, v in terms.items()} | {"train/acc": self.accuracy(logits.detach(), tokens)}
         if self.regularizer is not None:
             logs |= {f"train/{k}": v for k, v in self.regularizer.logs.items()}
-        self.log_dict(logs, batch_size=bs)
-        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict(logs, batch_size=len(b))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(b))
         if self._trainer is not None and self.logger is not None and self.should_log_images(batch_idx):
-            self.log_train_grid(batch)
+            with torch.no_grad():  # LR | every emitted scale | HR of the first samples, with the inference settings
+                first = b.head(2)
+                log_sr_grid(self, "train/lr_outputs_hr", first.lr_up, self.super_resolve_batch(first), first.hr)
         return loss
 
-    @torch.no_grad()
-    def log_train_grid(self, batch: dict, n: int = 2) -> None:
-        """LR | every emitted scale | HR of the first training samples, sampled with the inference settings."""
-        g = torch.Generator(device=batch["hr"].device).manual_seed(self.seed)
-        caps = batch.get("caption")
-        outs = self.super_resolve(batch["lr_up"][:n] * 2 - 1, generator=g, captions=None if caps is None else list(caps)[:n],
-                                  lr=batch["lr"][:n] * 2 - 1)
-        log_sr_grid(self, "train/lr_outputs_hr", batch["lr_up"][:n], [(o + 1) / 2 for o in outs], batch["hr"][:n])
-
-    # -- super-resolution ----------------------------------------------------------------------
-    def default_cfg(self) -> float | None:
-        if self.sample_cfg is not None:
-            return self.sample_cfg
-        return self.labels.cfg if self.labels is not None else None
-
-    @torch.no_grad()
-    def sample_tokens(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True,
-                      captions: list[str] | None = None, lr: Tensor | None = None, **overrides):
-        """lr_up (B, 3, H, W) in [-1, 1] at the model's native size (and the LR itself, for a scale
-        predictor; default: lr_up area-downsampled by ``scale``) -> (tokens, f_hat incl. the refiner's residual)."""
-        B = lr_up.shape[0]
-        captions = self.captions({"caption": captions} if captions is not None else {}, B)
-        cfg = overrides.get("cfg", self.default_cfg())
-        forced = None
-        if self.scale_predictor is not None:  # NSARM: the first scales come from the LR image
-            lr = F.interpolate(lr_up, scale_factor=1 / self.scale, mode="area") if lr is None else lr
-            forced = [self.quantizer.residual_to_tokens(r, si) for si, r in enumerate(self.scale_predictor(lr))]
-        out = sample_scales(
-            self.transformer, self.quantizer, B, cfg=cfg, top_k=overrides.get("top_k", self.sample_top_k),
-            top_p=overrides.get("top_p", self.sample_top_p), temperature=overrides.get("temperature", self.sample_temperature),
-            generator=generator, forced=forced, use_cache=use_cache, label=self.labels.inference(B, lr_up.device) if self.labels else
-            torch.zeros(B, dtype=torch.long, device=lr_up.device), prefix_input=lr_up,
-            neg_label=self.labels.neg_label if self.labels else None, captions=captions)
-        tokens = out.tokens
-        f_hat = self.quantizer.indices_to_fhat(tokens)
-        if self.refiner is not None:
-            guided = out.hidden.shape[0] > B
-            code = self.quantizer.codes(tokens[-1], len(tokens) - 1)
-            code_embed = self.transformer.word_embed(rearrange(code, "b d h w -> b (h w) d"))
-            code_embed = torch.cat([code_embed, code_embed]) if guided else code_embed
-            res = self.refiner.sample(out.hidden, code_embed, cfg=cfg if guided else 0.0, generator=generator)
-            f_hat = f_hat + rearrange(res, "b (h w) d -> b d h w", h=f_hat.shape[-2])
-        return tokens, f_hat
-
-    @torch.no_grad()
-    def super_resolve(self, lr_up: Tensor, generator: torch.Generator | None = None, use_cache: bool = True,
-                      captions: list[str] | None = None, lr: Tensor | None = None, **overrides) -> list[Tensor]:
-        """lr_up (B, 3, H, W) in [-1, 1] at the native size -> SR images in [-1, 1], one per output
-        scale of the tokenizer (one for VQ / BSQ; 1x / 2x / 4x for hierarchical RQ), refined one last."""
-        tokens, f_hat = self.sample_tokens(lr_up, generator, use_cache, captions, lr, **overrides)
-        early = [self.tokenizer.decode(self.quantizer.indices_to_fhat(tokens, upto=k)) for k in self.quantizer.output_steps[:-1]]
-        return early + [self.tokenizer.decode(f_hat)]
-
-    @property
-    def latent_side(self) -> int:
-        return self.quantizer.vae_schedule[-1][0]
-
-    def finish(self, sr: Tensor, lr: Tensor) -> Tensor:
-        """SR (B, 3, H, W) in [0, 1] -> post-processed (colour fix) against the LR in [0, 1]."""
-        return sr if self.postprocess is None else self.postprocess(sr, lr)
-
-    @torch.no_grad()
-    def super_resolve_any(self, lr: Tensor, caption: str | None = None) -> list[Tensor]:
-        """One LR image (1, 3, h, w) in [0, 1], any size -> SR outputs in [0, 1] at scale x its size.
-        The native size runs whole (all outputs); other sizes run as latent-space tiles (final output)."""
-        h, w = lr.shape[-2:]
-        H, W = h * self.scale, w * self.scale
-        lr_up = upsample(lr, (H, W), self.upsample_mode) * 2 - 1
-        g = torch.Generator(device=lr.device).manual_seed(self.seed)
-        n, ds = self.native_size, self.tokenizer.downsample
-        caps = None if caption is None else [caption]
-        if (H, W) == (n, n):
-            outs = [(o + 1) / 2 for o in self.super_resolve(lr_up, generator=g, captions=caps, lr=lr * 2 - 1)]
-            return outs[:-1] + [self.finish(outs[-1], lr)]
-        Hp, Wp = max(n, math.ceil(H / ds) * ds), max(n, math.ceil(W / ds) * ds)
-        padded = F.pad(lr_up, (0, Wp - W, 0, Hp - H), mode="replicate")
-        side = self.latent_side
-        f_hat = tiled_fhat(lambda t: self.sample_tokens(t, generator=g, captions=None if caps is None else caps * len(t))[1], padded, side,
-                           min(self.tile_overlap, side - 1), ds, self.tile_batch)
-        return [self.finish((self.tokenizer.decode(f_hat)[..., :H, :W] + 1) / 2, lr)]
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict | None:
-        if "skipped" in batch:
-            return None
-        outs = self.super_resolve_any(batch["lr"][None].to(self.device), batch.get("caption"))
-        return {"name": batch["name"], "outputs": [o[0] for o in outs]}
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        """PSNR / SSIM on Y of every output the model emits: the final one as ``test/psnr_y``, earlier
-        ones (MSVAR's 1x / 2x) as ``test/psnr_y_x{m}`` against the HR resized to their size."""
-        if "skipped" in batch:
-            return
-        if "lr" in batch and batch["lr"].ndim == 3:  # paired folders: one image of any size
-            lr = batch["lr"][None].to(self.device)
-            outs, hr = self.super_resolve_any(lr, batch.get("caption")), batch["hr"][None].to(self.device)
-        else:  # shards: degraded on the fly at the native size
-            lr, hr = batch["lr"], batch["hr"]
-            g = torch.Generator(device=hr.device).manual_seed(self.seed)
-            outs = [(o + 1) / 2 for o in self.super_resolve(batch["lr_up"] * 2 - 1, generator=g, captions=batch.get("caption"), lr=lr * 2 - 1)]
-            outs[-1] = self.finish(outs[-1], lr)
-        if outs[-1].shape != hr.shape:
-            raise ValueError(f"SR {tuple(outs[-1].shape[-2:])} and HR {tuple(hr.shape[-2:])} differ: is the HR {self.scale}x the LR?")
-        self.log_dict(sr_metrics(outs, hr, lr, "test"), batch_size=hr.shape[0])
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        hr, lr = self.images(batch)
-        lr_up = batch["lr_up"] * 2 - 1
-        tokens, inputs, f = self.targets(hr, lr)
-        labels = self.batch_labels(batch, hr.shape[0])
-        logits = self.transformer(labels, inputs, lr_up, captions=self.captions(batch, hr.shape[0]))
-        bs = hr.shape[0]
-        self.log("val/ce", self.token_loss(logits, tokens), batch_size=bs, prog_bar=True)
-        self.log("val/acc", self.transformer.head.accuracy(logits, torch.cat(tokens, dim=1))[:, self.loss_mask].mean(), batch_size=bs)
-        if batch_idx == 0 and self.val_samples > 0:
-            n = min(self.val_samples, bs)
-            g = torch.Generator(device=hr.device).manual_seed(0)
-            caps = batch.get("caption")
-            outs = [(o + 1) / 2 for o in self.super_resolve(lr_up[:n], generator=g, captions=None if caps is None else list(caps)[:n], lr=lr[:n])]
-            outs[-1] = self.finish(outs[-1], batch["lr"][:n])
-            self.log_dict(sr_metrics(outs, batch["hr"][:n], batch["lr"][:n], "val"), batch_size=n)
-            self.log("val/psnr_rgb", peak_signal_noise_ratio(outs[-1], batch["hr"][:n], data_range=1.0), batch_size=n)
-            log_sr_grid(self, "val/lr_outputs_hr", batch["lr_up"][:n], outs, batch["hr"][:n])
+        b = SRBatch.of(batch)
+        tokens, logits, _, _, _ = self.forward_batch(b)
+        self.log("val/ce", self.token_loss(logits, tokens), batch_size=len(b), prog_bar=True)
+        self.log("val/acc", self.accuracy(logits, tokens), batch_size=len(b))
+        n = min(self.inference.val_samples, len(b))
+        if batch_idx == 0 and n > 0:
+            first = b.head(n)
+            outs = self.super_resolve_batch(first)
+            self.log_dict(sr_metrics(outs, first.hr, first.lr, "val"), batch_size=n)
+            self.log("val/psnr_rgb", peak_signal_noise_ratio(outs[-1], first.hr, data_range=1.0), batch_size=n)
+            log_sr_grid(self, "val/lr_outputs_hr", first.lr_up, outs, first.hr)

@@ -88,8 +88,9 @@ class ARSRTask(L.LightningModule):
                 self.log(f"wd/{name}", g["weight_decay"], on_step=True, on_epoch=False, batch_size=1)
 
     # logging
-    def log_data_stats(self, batch: dict) -> None:
-        for reason, n in batch.get("stats", {}).items():
+    def log_data_stats(self, stats: dict) -> None:
+        """The batch's data-cleaning counts (skipped / converted samples by reason), summed per epoch."""
+        for reason, n in stats.items():
             self.log(f"data/{reason}", float(n), reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
 
     def log_images(self, tag: str, rows: list[Tensor], n: int = 4) -> None:

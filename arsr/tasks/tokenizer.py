@@ -84,7 +84,7 @@ class TokenizerFinetune(ARSRTask):
         return terms
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self.log_data_stats(batch)
+        self.log_data_stats(batch.get("stats", {}))
         img = batch["hr"] * 2 - 1  # [-1, 1]
         q = self.tokenizer.quantize(self.tokenizer.encode(img))
         bypass = self.bypass_prob > 0 and torch.rand(()) < self.bypass_prob

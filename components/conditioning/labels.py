@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from arsr.interfaces import Labels
+from arsr.interfaces import Labels, SRBatch
 
 
 class ConstantLabel(Labels):
@@ -14,8 +14,8 @@ class ConstantLabel(Labels):
     def __init__(self, label: int = 0, cfg: float = 0.0, neg_label: int | None = None):
         self.label, self.cfg, self.neg_label = label, cfg, neg_label
 
-    def __call__(self, batch: dict) -> Tensor:
-        return torch.full((len(batch["hr"]),), self.label, dtype=torch.long, device=batch["hr"].device)
+    def __call__(self, batch: SRBatch) -> Tensor:
+        return torch.full((len(batch),), self.label, dtype=torch.long, device=batch.hr.device)
 
     def inference(self, batch_size: int, device) -> Tensor:
         return torch.full((batch_size,), self.label, dtype=torch.long, device=device)
@@ -33,8 +33,8 @@ class QualityCFG(ConstantLabel):
         super().__init__(positive, cfg, negative)
         self.positive, self.negative = positive, negative
 
-    def __call__(self, batch: dict) -> Tensor:
-        q = batch["quality"]  # 1 positive, 0 negative, -1 unlabelled
+    def __call__(self, batch: SRBatch) -> Tensor:
+        q = batch.need("quality", "QualityCFG labels samples by quality; pack shards with quality labels or use ConstantLabel")
         return torch.where(q == 0, self.negative, self.positive).long()
 
 
@@ -49,12 +49,13 @@ class DegradationClasses(ConstantLabel):
         super().__init__(infer_label, cfg, class_free)
         self.degraded, self.clean = degraded, clean
 
-    def __call__(self, batch: dict) -> Tensor:
-        return torch.where(batch["degraded"], self.degraded, self.clean).long()
+    def __call__(self, batch: SRBatch) -> Tensor:
+        degraded = batch.need("degraded", "DegradationClasses labels samples by the degradation's clean / degraded branch")
+        return torch.where(degraded, self.degraded, self.clean).long()
 
 
 class ClassLabels(Labels):
-    """Class-to-image labels: each sample's ``batch["label"]`` (shards packed with
+    """Class-to-image labels: each sample's ``batch.label`` (shards packed with
     ``tools/make_shards.py --class_from folder``); VAR / VARSR C2I pretraining.
 
     Label dropout to the null class is the transformer's (``cond_drop``, ``null_class``), and CFG
@@ -76,8 +77,8 @@ class ClassLabels(Labels):
         self.num_classes, self.cfg, self.neg_label = num_classes, cfg, None
         self.sample_classes = list(sample_classes) if sample_classes else None
 
-    def __call__(self, batch: dict) -> Tensor:
-        label = batch["label"].long()
+    def __call__(self, batch: SRBatch) -> Tensor:
+        label = batch.need("label", "ClassLabels needs shards packed with class labels (tools/make_shards.py --class_from)").long()
         return torch.where(label < 0, self.num_classes, label)
 
     def inference(self, batch_size: int, device) -> Tensor:

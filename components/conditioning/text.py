@@ -22,11 +22,12 @@ class ByteCaptionEncoder(TextConditioning):
 
     Args:
         dim: feature width; depth, heads: encoder size; max_len: bytes kept per caption.
+        prompt: a fixed prompt replacing every caption, or None (each sample's caption).
     """
 
-    def __init__(self, dim: int = 256, depth: int = 2, heads: int = 4, max_len: int = 128):
+    def __init__(self, dim: int = 256, depth: int = 2, heads: int = 4, max_len: int = 128, prompt: str | None = None):
         super().__init__()
-        self.dim, self.max_len = dim, max_len
+        self.dim, self.max_len, self.prompt = dim, max_len, prompt
         self.embed = nn.Embedding(257, dim)  # 256 byte values + a start token (256)
         self.pos = nn.Parameter(torch.zeros(1, max_len + 1, dim))
         nn.init.trunc_normal_(self.pos, std=0.02)
@@ -69,10 +70,13 @@ class T5TextEncoder(TextConditioning):
         cache_dir: if set, features are kept per caption on disk (safetensors named by the caption's
             hash) and read back instead of running T5 again: fill it once with
             ``tools/cache_text.py``, or let training fill it as captions come.
+        prompt: a fixed prompt replacing every caption in training and inference (NSARM's "Fixed"
+            ablation), or None: each sample's caption (shards' captions, ``<name>.txt`` beside
+            predict inputs; none: the empty prompt).
     """
 
     def __init__(self, path: str, max_len: int = 512, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, prompt: str | None = None):
         super().__init__()
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -86,7 +90,7 @@ class T5TextEncoder(TextConditioning):
         except (OSError, ValueError) as e:
             raise ValueError(f"{path} is not a T5 checkpoint folder with its tokenizer ({type(e).__name__}: {e})") from None
         self.encoder.eval().requires_grad_(False)
-        self.dim, self.max_len = self.encoder.config.d_model, max_len
+        self.dim, self.max_len, self.prompt = self.encoder.config.d_model, max_len, prompt
         self.cache_dir = Path(cache_dir) if cache_dir else None
         # frozen input: not in checkpoints; loading keeps the weights read from ``path``
         self._register_state_dict_hook(self._drop_own)

@@ -149,7 +149,7 @@ class MultiScaleBSQ(Quantizer):
 
     def flip(self, bits: Tensor) -> Tensor:
         """Bitwise Self-Correction: flip each bit with a probability drawn from {0, 0.01, ..., bsc_strength}."""
-        strength = torch.randint(0, round(100 * self.bsc_strength) + 1, ()).item() / 100
+        strength = torch.randint(0, round(100 * self.bsc_strength) + 1, ()) / 100  # a 0-d CPU tensor: no host sync on a GPU
         return torch.where(torch.rand(bits.shape, device=bits.device) < strength, 1 - bits, bits)
 
     # -- the residual walk shared by the tokenizer, teacher forcing and NSARM ----------------

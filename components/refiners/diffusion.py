@@ -19,6 +19,7 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from arsr.interfaces import Refiner
+from arsr.sampling import cfg_mix, cfg_pair
 
 
 def cosine_betas(T: int, max_beta: float = 0.999) -> Tensor:
@@ -118,11 +119,10 @@ class GaussianDiffusion:
         x = torch.randn(n, dim, generator=generator, device=cond.device)
         for i in reversed(range(self.T)):
             t = torch.full((n,), i, device=cond.device, dtype=torch.long)
-            xin = torch.cat([x, x]) if cfg > 0 else x
-            eps, v = net(xin, self.timestep_map.to(cond.device)[torch.cat([t, t]) if cfg > 0 else t], cond).chunk(2, dim=-1)
+            tt = self.timestep_map.to(cond.device)[t]
+            eps, v = net(cfg_pair(x) if cfg > 0 else x, cfg_pair(tt) if cfg > 0 else tt, cond).chunk(2, dim=-1)
             if cfg > 0:
-                eps = (1 + cfg) * eps[:n] - cfg * eps[n:]
-                v = v[:n]
+                eps, v = cfg_mix(eps, cfg), v[:n]
             mean, log_var, _ = self.p_mean_var(eps, v, x, t, clip=True)
             noise = torch.randn(x.shape, generator=generator, device=x.device) * temperature
             x = mean + (torch.exp(0.5 * log_var) * noise if i > 0 else 0)

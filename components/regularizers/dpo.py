@@ -36,12 +36,12 @@ class DPO(Regularizer):
         self.beta, self.weight, self.reduction, self.second_pass = beta, weight, reduction, second_pass
 
     def _sequence_logp(self, head, logits: Tensor, tokens: list[Tensor], mask: Tensor) -> Tensor:
-        per_token = head.log_prob(logits, torch.cat(tokens, dim=1))[:, mask]  # (B, N)
-        return per_token.sum(1) if self.reduction == "sum" else per_token.mean(1)
+        per_token = head.log_prob(logits, torch.cat(tokens, dim=1)) * mask  # (B, L), untrained positions zero (no host sync)
+        return per_token.sum(1) if self.reduction == "sum" else per_token.sum(1) / mask.sum()
 
     def forward(self, ctx: ARContext) -> dict[str, Tensor]:
         with torch.no_grad():
-            z_lr = ctx.tokenizer.img_to_indices(ctx.batch["lr_up"] * 2 - 1)
+            z_lr = ctx.tokenizer.img_to_indices(ctx.batch.lr_up * 2 - 1)
         head = ctx.model.head
         logp_hr = self._sequence_logp(head, ctx.logits, ctx.tokens, ctx.loss_mask)
         logits_lr = ctx.logits
