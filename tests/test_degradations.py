@@ -221,3 +221,14 @@ def test_upsample_modes_and_random_per_sample():
         assert torch.equal(deg(hr_batch(6, 64), seeds=list(range(6))).lr_up, out.lr_up)
     with pytest.raises(ValueError, match="upsample_mode"):
         RealESRGANDegradation(upsample_mode="nearest")
+
+
+def test_degradations_never_wait_for_the_device():
+    """Every random draw is made on the host from the per-sample seeds; the images themselves are never
+    read back (the batch is a stand-in device tensor that raises on .item(), .tolist(), if t:, ...)."""
+    from arsr.testing import on_device
+
+    hr = on_device(torch.rand(3, 3, 64, 64))
+    for d in (RealESRGANDegradation(clean_prob=0.3, upsample_mode="random"), BicubicDegradation(4, upsample_mode="random")):
+        out = d(hr, seeds=[1, 2, 3])
+        assert type(out.lr).__name__ == "DeviceTensor" and out.lr.shape == (3, 3, 16, 16)

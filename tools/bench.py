@@ -8,6 +8,8 @@
     python tools/bench.py predict --preset small --lr_size 128
     python tools/bench.py optimizer --preset small
     python tools/bench.py nsarm --preset tiny --schedule 0.06M
+    python tools/bench.py paired --preset small --rounds 7          # arsr / reference-math time ratios
+    python tools/bench.py paired --preset d16 --size 512 --device cuda   # + absolute ms and MFU on a GPU
 """
 
 from __future__ import annotations
@@ -227,5 +229,153 @@ def nsarm(preset: str = "tiny", schedule: str = "0.06M", batch: int = 2, iters: 
           f"{px} px) on {device}: train step batch {batch} {t_train:.2f} s; sample {t_sample:.2f} s/image (cfg {cfg})")
 
 
+def _var_pair(preset: str, size: int, device: str):
+    """An arsr VAR backbone (absolute positions, index head, no prefix: VAR's own model) + tokenizer, and
+    the reference re-statement (tools/reference_var.py) holding the same weights."""
+    import sys
+    from pathlib import Path
+
+    from arsr.components.conditioning import ConstantLabel
+    from arsr.components.heads import IndexHead
+    from arsr.components.posenc import AbsolutePerScale
+    from arsr.components.quantizers import MultiScaleVQ
+    from arsr.nn.transformer import NextScaleTransformer
+    from arsr.nn.vae import VQVAE
+    from arsr.tasks.ar import ARFinetune, Inference
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import reference_var
+
+    torch.manual_seed(0)
+    pn = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}[size]
+    if preset == "d16":  # VAR-d16: width 1024, 16 heads, VAR's VQVAE (4096 x 32)
+        tok, sizes = VQVAE(MultiScaleVQ(4096, 32, pn)), dict(depth=16)
+    else:  # small: 4 blocks of width 256, a small tokenizer
+        tok, sizes = VQVAE(MultiScaleVQ(512, 16, pn), ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1), dict(depth=4, width=256, heads=4)
+    tr = NextScaleTransformer(AbsolutePerScale(), IndexHead(), None, **sizes, num_classes=2, null_class=1, cond_drop=0.0, drop_path=0.0)
+    task = ARFinetune(tr, tok, ConstantLabel(0), inference=Inference(val_samples=0)).to(device)
+    task.log = task.log_dict = lambda *a, **k: None
+    ref, vq = reference_var.from_arsr(tr, tok.quantize)
+    return task, ref.to(device), vq.to(device)
+
+
+def _adamw_reference(params, device: str):
+    """The optimiser as the official trainer builds it: AdamW, betas (0.9, 0.95), fused when available."""
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    except RuntimeError:
+        return torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+
+def paired(preset: str = "small", size: int = 256, batch: int = 4, rounds: int = 7, device: str = "cpu",
+           cfg: float = 4.0, top_k: int = 100, top_p: float = 0.95, rows: list[str] | None = None):
+    """arsr against a plain PyTorch re-statement of the same math (tools/reference_var.py, VAR's
+    model with arsr's weights), interleaved in one process: each round times arsr then the reference
+    once per row; prints medians, the time ratio arsr / reference (< 1: arsr faster) and tokens/s.
+    Checks first that both compute the same logits and sample the same tokens. Rows: train_fp32,
+    train_bf16, sample (KV cache + CFG), teacher (tokens + teacher-forcing input), tokenizer (encode +
+    decode), optimizer (one AdamW step); degradation has no reference and is reported alone.
+    On CUDA also absolute ms and MFU of the training step (bf16 peak of the device, if known)."""
+    import torch.nn.functional as F
+
+    from arsr.optim import AdamW
+
+    rows = rows or ["train_fp32", "train_bf16", "sample", "teacher", "tokenizer", "optimizer"]
+    task, ref, vq = _var_pair(preset, size, device)
+    tok, q, tr = task.tokenizer, task.quantizer, task.transformer
+    L = tr.layout.image_len
+    g = torch.Generator(device="cpu").manual_seed(0)
+    hr = torch.rand(batch, 3, size, size, generator=g).to(device)
+    b = {"hr": hr, "lr": F.interpolate(hr, scale_factor=0.25, mode="area"), "lr_up": hr}
+    label = torch.zeros(batch, dtype=torch.long, device=device)
+
+    # same math: logits and sampled tokens agree
+    with torch.no_grad():
+        f = tok.encode(hr * 2 - 1)
+        tf = q.teacher(f)
+        d_logits = (tr(label, tf.inputs) - ref(label, vq.teacher_input(vq.f_to_idx(f)))).abs().max().item()
+        same_tokens = all(torch.equal(a, c) for a, c in zip(tf.tokens, vq.f_to_idx(f)))
+        gen = lambda: torch.Generator(device=device).manual_seed(1)
+        t_arsr, _ = task.sample_tokens(hr[:1] * 2 - 1, generator=gen(), cfg=cfg, top_k=top_k, top_p=top_p)
+        t_ref = ref.sample(vq, label[:1], cfg, top_k, top_p, gen())
+    same_sample = all(torch.equal(a, c) for a, c in zip(t_arsr, t_ref))
+    print(f"paired {preset} at {size}px, batch {batch}, on {device} (threads {torch.get_num_threads()}): same tokens {same_tokens}, "
+          f"max |logits diff| {d_logits:.1e}, same sampled tokens {same_sample}")
+
+    opt_a = AdamW(list(task.named_parameters()), lr=1e-4)
+    opt_r = _adamw_reference([p for p in ref.parameters() if p.requires_grad], device)
+
+    def train(model, precision):
+        dtype = torch.bfloat16 if precision == "bf16" else None
+
+        def arsr_step():
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                loss = task.training_step(b, 0)
+            opt_a.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_a.step()
+
+        def ref_step():
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                with torch.no_grad():
+                    idx = vq.f_to_idx(tok.encode(hr * 2 - 1))
+                    x = vq.teacher_input(idx)
+                logits = ref(label, x)
+                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), torch.cat(idx, 1).view(-1))
+            opt_r.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_r.step()
+
+        return arsr_step if model == "arsr" else ref_step
+
+    def fns(row):
+        if row.startswith("train"):
+            prec = row.split("_")[1]
+            return train("arsr", prec), train("ref", prec), batch * (L + tr.layout.first_len - tr.layout.patch_nums[0] ** 2)
+        if row == "sample":
+            x = hr[:1] * 2 - 1
+            return (lambda: task.sample_tokens(x, generator=gen(), cfg=cfg, top_k=top_k, top_p=top_p),
+                    lambda: vq.idx_to_fhat(ref.sample(vq, label[:1], cfg, top_k, top_p, gen())), L)
+        if row == "teacher":
+            return (lambda: q.teacher(f), lambda: vq.teacher_input(vq.f_to_idx(f)), batch * L)
+        if row == "tokenizer":
+            img = hr * 2 - 1
+            return (lambda: tok.indices_to_img(tok.img_to_indices(img)),
+                    lambda: tok.decode(vq.idx_to_fhat(vq.f_to_idx(tok.encode(img)))), batch * L)
+        if row == "optimizer":
+            for p in list(task.parameters()) + list(ref.parameters()):
+                if p.requires_grad:
+                    p.grad = torch.randn_like(p) * 1e-3
+            return opt_a.step, opt_r.step, None
+        raise ValueError(f"unknown row {row}")
+
+    for row in rows:
+        a, r, n_tok = fns(row)
+        ctx = torch.no_grad() if row in ("sample", "teacher", "tokenizer") else torch.enable_grad()
+        with ctx:
+            ta, tr_ = [], []
+            for fn, out in ((a, ta), (r, tr_)):
+                fn()  # warm-up
+            for _ in range(rounds):
+                ta += _timeit(a, 0, 1, device)
+                tr_ += _timeit(r, 0, 1, device)
+        ma, mr = sorted(ta)[len(ta) // 2], sorted(tr_)[len(tr_) // 2]
+        ratios = sorted(x / y for x, y in zip(ta, tr_))
+        extra = f", arsr {n_tok / ma:,.0f} tokens/s" if n_tok else ""
+        print(f"  {row:<11} arsr {ma * 1e3:8.1f} ms  reference {mr * 1e3:8.1f} ms  ratio {ma / mr:.2f} "
+              f"(per-round ratios {ratios[0]:.2f}..{ratios[-1]:.2f}){extra}")
+        if device == "cuda" and row.startswith("train"):
+            n = sum(p.numel() for p in tr.parameters())
+            flops = 6 * n * n_tok  # dense-transformer estimate, attention excluded
+            peak = _PEAK_BF16.get(torch.cuda.get_device_name(), None)
+            mfu = f", MFU {flops / ma / peak:.1%} of {peak / 1e12:.0f} TFLOP/s" if peak else ""
+            print(f"              {flops / ma / 1e12:.1f} TFLOP/s achieved{mfu}")
+    if "degradation" in (rows or []) or True:
+        degradation(batch=batch, size=size, iters=max(3, rounds // 2), device=device)
+
+
+_PEAK_BF16 = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA A100-SXM4-80GB": 312e12}  # dense bf16
+
+
 if __name__ == "__main__":
-    auto_cli([degradation, loader, tokenizer, ar, predict, optimizer, nsarm])
+    auto_cli([degradation, loader, tokenizer, ar, predict, optimizer, nsarm, paired])
