@@ -97,7 +97,7 @@ class SuperResolution:
             self.transformer, self.quantizer, B, cfg=cfg, top_k=overrides.get("top_k", s.top_k), top_p=overrides.get("top_p", s.top_p),
             temperature=overrides.get("temperature", s.temperature), generator=generator, forced=forced, use_cache=use_cache,
             label=label, prefix_input=lr_up, neg_label=self.labels.neg_label if self.labels else None, captions=captions)
-        f_hat = self.quantizer.indices_to_fhat(out.tokens)
+        f_hat = out.f_hat
         if self.refiner is not None:
             guided = out.hidden.shape[0] > B
             code = self.code_embed(out.tokens[-1], len(out.tokens) - 1)

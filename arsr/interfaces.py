@@ -135,6 +135,47 @@ class TeacherForcing:
     residuals: list[Tensor] = field(default_factory=list)
 
 
+class ScaleWalk:
+    """The tokens of a sampling run so far, and what follows from them: the next scale's input and
+    the accumulated latent. This default recomputes both from the token list; quantizers whose sum
+    can grow one scale at a time override it (:meth:`Quantizer.start_walk`)."""
+
+    def __init__(self, quantizer: Quantizer):
+        self.quantizer, self.tokens = quantizer, []
+
+    def add(self, tokens: Tensor) -> None:
+        """Append the tokens of the next scale (B, h_k * w_k, ...)."""
+        self.tokens.append(tokens)
+
+    def next_input(self) -> Tensor:
+        """Input of scale len(tokens): (B, h * w, token_dim)."""
+        return self.quantizer.step_input(self.tokens)
+
+    def f_hat(self) -> Tensor:
+        """The latent of every scale added so far (B, C, h, w)."""
+        return self.quantizer.indices_to_fhat(self.tokens)
+
+
+class RunningSum(ScaleWalk):
+    """The walk of a quantizer whose latent is a sum of one term per scale (VAR's, Infinity's): each
+    added scale costs one term, and the next input is read off the running sum. The quantizer gives
+    ``scale_term(tokens, si)`` and ``input_from(f_hat, k)``."""
+
+    def __init__(self, quantizer: Quantizer):
+        super().__init__(quantizer)
+        self.acc = 0
+
+    def add(self, tokens: Tensor) -> None:
+        self.acc = self.acc + self.quantizer.scale_term(tokens, len(self.tokens))
+        super().add(tokens)
+
+    def next_input(self) -> Tensor:
+        return self.quantizer.input_from(self.acc, len(self.tokens))
+
+    def f_hat(self) -> Tensor:
+        return self.acc
+
+
 class Quantizer(nn.Module, ABC):
     """A next-scale (multi-scale residual) quantizer of a continuous latent ``f``.
 
@@ -205,6 +246,10 @@ class Quantizer(nn.Module, ABC):
     def step_input(self, tokens: list[Tensor]) -> Tensor:
         """Input of scale k = len(tokens) given the tokens of scales 1..k: (B, h_k * w_k, token_dim)."""
 
+    def start_walk(self) -> ScaleWalk:
+        """A :class:`ScaleWalk` for one sampling run (the sampler adds each scale's tokens to it)."""
+        return ScaleWalk(self)
+
     def residual_to_tokens(self, residual: Tensor, si: int) -> Tensor:
         """Quantise a continuous residual (B, C, h_si, w_si) into scale si's tokens (NSARM's forced scales)."""
         raise ValueError(f"{type(self).__name__} cannot quantise substituted residuals (NSARM); use MultiScaleBSQ")
@@ -262,8 +307,8 @@ class Layout:
 
     def levels(self) -> Tensor:
         """(total_len,) scale index of each position; the prefix and scale 1 share level 0."""
-        lv = [torch.zeros(self.first_len, dtype=torch.long)]
-        lv += [torch.full((p * p,), i, dtype=torch.long) for i, p in enumerate(self.patch_nums) if i > 0]
+        lv = [torch.zeros(self.first_len, dtype=torch.long, device="cpu")]  # a table of ints, also under a meta-device build
+        lv += [torch.full((p * p,), i, dtype=torch.long, device="cpu") for i, p in enumerate(self.patch_nums) if i > 0]
         return torch.cat(lv)
 
     def grids(self) -> tuple[int, ...]:

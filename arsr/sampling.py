@@ -34,12 +34,14 @@ class StepState:
 @dataclass
 class Sampled:
     """tokens: per scale (B, n_k, ...); hidden: last scale's hidden states (B', n_K, C); cond (B', D);
-    logits: per scale, the logits each scale was sampled from (after CFG and temperature, B rows)."""
+    logits: per scale, the logits each scale was sampled from (after CFG and temperature, B rows);
+    f_hat: the latent of all the tokens (B, C, h, w), accumulated as they were sampled."""
 
     tokens: list[Tensor]
     hidden: Tensor
     cond: Tensor
     logits: list[Tensor]
+    f_hat: Tensor
 
 
 @contextmanager
@@ -102,21 +104,22 @@ def sample_scales(
     try:
         state = model.begin(B, guided, **condition)
         x = model.start_tokens(state)
-        tokens, logits_out = [], []
+        walk, logits_out = quantizer.start_walk(), []
         with model.kv_cache() if use_cache else nullcontext():
             for si in range(K):
                 h = model.step(x, si, state)
-                logits = model.head(h, state.cond) / per_scale(temperature, si)
+                logits, tau = model.head(h, state.cond), per_scale(temperature, si)
+                logits = logits if tau == 1 else logits / tau
                 if guided:
                     logits = cfg_mix(logits, weights[si])
                 tok = model.head.sample(logits, top_k, top_p, 1.0, generator)
                 if si < len(forced):
                     tok = forced[si].to(tok.dtype)
-                tokens.append(tok)
+                walk.add(tok)
                 logits_out.append(logits)
                 if si + 1 < K:
-                    x = model.embed(quantizer.step_input(tokens))
+                    x = model.embed(walk.next_input())
                     x = cfg_pair(x) if guided else x
     finally:
         model.train(was_training)
-    return Sampled(tokens, h, state.cond, logits_out)
+    return Sampled(walk.tokens, h, state.cond, logits_out, walk.f_hat())

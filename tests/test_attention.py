@@ -5,15 +5,33 @@ import torch
 
 from arsr.components.heads import BitwiseHead, IndexHead
 from arsr.components.posenc import SARoPE
-from arsr.nn.attention import block_causal_mask, use_flex
+import torch.nn.functional as F
+
+from arsr.nn.attention import attend, block_causal_mask, dense_block_causal, use_flex
 from arsr.nn.infinity import InfinityTransformer
 from arsr.nn.transformer import NextScaleTransformer
 
 
 def test_auto_picks_sdpa_on_cpu():
     assert not use_flex("auto", torch.device("cpu")) and use_flex("flex", torch.device("cpu"))
-    m = block_causal_mask(torch.tensor([0, 1, 1, 2]), "sdpa", torch.float32)
+    m = dense_block_causal(torch.tensor([0, 1, 1, 2]))
     assert torch.equal(m.isfinite(), torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 1]]).bool())
+
+
+@pytest.mark.parametrize("sizes", [(1, 4, 9, 16, 64, 100), (1, 4), (100, 80), (1, 4, 70, 3), (65,)])
+def test_scale_chunks_equal_dense_masked_attention(sizes):
+    """SDPA over query chunks (no scores of later scales computed) = dense masked attention, values and gradients."""
+    torch.manual_seed(0)
+    levels = [i for i, n in enumerate(sizes) for _ in range(n)]
+    plan = block_causal_mask(levels, "sdpa", torch.float32)
+    assert sum(qe - qs for qs, qe, _ in plan.chunks) == len(levels)
+    q, k, v = (torch.randn(2, 2, len(levels), 8, requires_grad=True) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_block_causal(torch.tensor(levels)), scale=0.3)
+    chunked = attend(q, k, v, plan, 0.3)
+    assert torch.allclose(dense, chunked, atol=1e-6)
+    g_dense = torch.autograd.grad(dense.square().sum(), (q, k, v))
+    g_chunked = torch.autograd.grad(chunked.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_dense, g_chunked))
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -34,3 +52,26 @@ def test_flex_block_mask_equals_dense_sdpa(backbone):
     a = args()
     with torch.no_grad():
         assert torch.allclose(dense(**a), flex(**a), atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["var", "infinity"])
+def test_bf16_residual_stream_option(backbone):
+    """residual_bf16 carries the hidden states in bf16 under bf16 autocast (fp32 otherwise, and by
+    default), and trains to logits close to the fp32-residual model's."""
+    torch.manual_seed(0)
+    if backbone == "var":
+        make = lambda bf16: NextScaleTransformer(SARoPE(), IndexHead(16), depth=2, width=32, heads=2, latent_dim=4, patch_nums=(1, 2, 4),
+                                                 num_classes=2, null_class=1, cond_drop=0.0, residual_bf16=bf16)
+        args = dict(label=torch.tensor([0, 1]), inputs=torch.randn(2, 20, 4))
+    else:
+        make = lambda bf16: InfinityTransformer(token_dim=4, text_channels=128, text_maxlen=8, depth=2, width=32, heads=2,
+                                                cond_drop=0.0, schedule=[1, 2, 4], residual_bf16=bf16)
+        args = dict(label=None, inputs=torch.randn(2, 20, 4), text=(torch.randn(2, 3, 128), torch.ones(2, 3, dtype=torch.bool)))
+    fp32, bf16 = make(False).eval(), make(True).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (a, ha), (b, hb) = fp32(**args, return_hidden=True), bf16(**args, return_hidden=True)
+        b.float().sum().backward()
+    assert ha.dtype == torch.float32 and hb.dtype == torch.bfloat16
+    assert torch.allclose(a.float(), b.float(), atol=0.05) and all(p.grad is None or torch.isfinite(p.grad).all() for p in bf16.parameters())
+    assert bf16(**args).dtype == fp32(**args).dtype == torch.float32  # no autocast: nothing changes

@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from arsr.nn.attention import dense_block_causal
+
 from arsr.components.conditioning import EncoderFeatures, PrefixTokens
 from arsr.components.heads import BitwiseHead, IndexHead, sample_top_k_top_p
 from arsr.components.posenc import AbsolutePerScale, LearnedResampled, SARoPE
@@ -28,8 +30,8 @@ def tiny(pos=None, head=None, cond=None, text=None, **kw):
 
 def test_mask_no_scale_sees_a_later_one():
     m = tiny(cond=PrefixTokens((4, 8, 16), grid=2))
-    mask = m.mask("cpu")
     lv = m.lvl_1L[0]
+    mask = dense_block_causal(lv)
     assert mask.shape == (4 + 30, 4 + 30)
     visible = mask == 0
     assert torch.equal(visible, lv[:, None] >= lv[None, :])

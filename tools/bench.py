@@ -229,7 +229,7 @@ def nsarm(preset: str = "tiny", schedule: str = "0.06M", batch: int = 2, iters: 
           f"{px} px) on {device}: train step batch {batch} {t_train:.2f} s; sample {t_sample:.2f} s/image (cfg {cfg})")
 
 
-def _var_pair(preset: str, size: int, device: str):
+def _var_pair(preset: str, size: int, device: str, compile: bool = False):
     """An arsr VAR backbone (absolute positions, index head, no prefix: VAR's own model) + tokenizer, and
     the reference re-statement (tools/reference_var.py) holding the same weights."""
     import sys
@@ -241,7 +241,7 @@ def _var_pair(preset: str, size: int, device: str):
     from arsr.components.quantizers import MultiScaleVQ
     from arsr.nn.transformer import NextScaleTransformer
     from arsr.nn.vae import VQVAE
-    from arsr.tasks.ar import ARFinetune, Inference
+    from arsr.tasks.ar import ARFinetune, Inference, Training
 
     sys.path.insert(0, str(Path(__file__).parent))
     import reference_var
@@ -253,9 +253,10 @@ def _var_pair(preset: str, size: int, device: str):
     else:  # small: 4 blocks of width 256, a small tokenizer
         tok, sizes = VQVAE(MultiScaleVQ(512, 16, pn), ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1), dict(depth=4, width=256, heads=4)
     tr = NextScaleTransformer(AbsolutePerScale(), IndexHead(), None, **sizes, num_classes=2, null_class=1, cond_drop=0.0, drop_path=0.0)
-    task = ARFinetune(tr, tok, ConstantLabel(0), inference=Inference(val_samples=0)).to(device)
+    task = ARFinetune(tr, tok, ConstantLabel(0), training=Training(compile=compile), inference=Inference(val_samples=0)).to(device)
     task.log = task.log_dict = lambda *a, **k: None
     ref, vq = reference_var.from_arsr(tr, tok.quantize)
+    task.configure_model()  # training.compile: torch.compile per block (after the reference copied the weights)
     return task, ref.to(device), vq.to(device)
 
 
@@ -268,20 +269,21 @@ def _adamw_reference(params, device: str):
 
 
 def paired(preset: str = "small", size: int = 256, batch: int = 4, rounds: int = 7, device: str = "cpu",
-           cfg: float = 4.0, top_k: int = 100, top_p: float = 0.95, rows: list[str] | None = None):
+           cfg: float = 4.0, top_k: int = 100, top_p: float = 0.95, rows: list[str] | None = None, compile: bool = False):
     """arsr against a plain PyTorch re-statement of the same math (tools/reference_var.py, VAR's
     model with arsr's weights), interleaved in one process: each round times arsr then the reference
     once per row; prints medians, the time ratio arsr / reference (< 1: arsr faster) and tokens/s.
     Checks first that both compute the same logits and sample the same tokens. Rows: train_fp32,
     train_bf16, sample (KV cache + CFG), teacher (tokens + teacher-forcing input), tokenizer (encode +
     decode), optimizer (one AdamW step); degradation has no reference and is reported alone.
+    ``compile``: arsr with ``training.compile`` (torch.compile per block; the reference stays eager).
     On CUDA also absolute ms and MFU of the training step (bf16 peak of the device, if known)."""
     import torch.nn.functional as F
 
     from arsr.optim import AdamW
 
     rows = rows or ["train_fp32", "train_bf16", "sample", "teacher", "tokenizer", "optimizer"]
-    task, ref, vq = _var_pair(preset, size, device)
+    task, ref, vq = _var_pair(preset, size, device, compile)
     tok, q, tr = task.tokenizer, task.quantizer, task.transformer
     L = tr.layout.image_len
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -299,7 +301,8 @@ def paired(preset: str = "small", size: int = 256, batch: int = 4, rounds: int =
         t_arsr, _ = task.sample_tokens(hr[:1] * 2 - 1, generator=gen(), cfg=cfg, top_k=top_k, top_p=top_p)
         t_ref = ref.sample(vq, label[:1], cfg, top_k, top_p, gen())
     same_sample = all(torch.equal(a, c) for a, c in zip(t_arsr, t_ref))
-    print(f"paired {preset} at {size}px, batch {batch}, on {device} (threads {torch.get_num_threads()}): same tokens {same_tokens}, "
+    print(f"paired {preset}{' (arsr compiled)' if compile else ''} at {size}px, batch {batch}, on {device} "
+          f"(threads {torch.get_num_threads()}): same tokens {same_tokens}, "
           f"max |logits diff| {d_logits:.1e}, same sampled tokens {same_sample}")
 
     opt_a = AdamW(list(task.named_parameters()), lr=1e-4)

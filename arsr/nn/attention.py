@@ -1,10 +1,17 @@
-"""Block-causal attention over scales: a dense additive mask for SDPA, or a FlexAttention
-``BlockMask`` that skips the masked blocks (about a third of the scores) without materialising
-an L x L tensor. ``attention: auto`` picks flex on CUDA and SDPA elsewhere; both give the same
-result (tested on CPU, where flex runs eagerly)."""
+"""Block-causal attention over scales, computed only where it is visible.
+
+A position sees every position of its own and coarser scales, so about a third of the L x L scores
+are masked. Two kernels skip them: FlexAttention with a ``BlockMask`` (``flex``, CUDA), and SDPA
+over query chunks (``sdpa``, everywhere): each scale of at least ``MIN_CHUNK`` positions is one
+chunk of queries attending to the keys of its own and coarser scales with no mask at all; the
+small first scales share one chunk under a small dense mask. ``attention: auto`` picks flex on
+CUDA and SDPA elsewhere; both equal dense masked attention (tested).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -31,19 +38,62 @@ def use_flex(impl: AttentionImpl, device: torch.device) -> bool:
     return impl == "flex" or (impl == "auto" and device.type == "cuda" and flex_attention is not None)
 
 
-def block_causal_mask(levels: Tensor, impl: AttentionImpl, dtype: torch.dtype):
-    """levels (L,) scale index of each position -> what :func:`attend` takes: a position sees every
-    position of its own and coarser scales."""
-    if use_flex(impl, levels.device):
-        def visible(b, h, q, k):
-            return levels[q] >= levels[k]
+MIN_CHUNK = 64  # scales of at least this many positions get a chunk of their own
 
-        return create_block_mask(visible, None, None, len(levels), len(levels), device=levels.device)
-    return torch.where(levels[:, None] >= levels[None, :], 0.0, float("-inf")).to(dtype)
+
+@dataclass(frozen=True, eq=False)
+class ScaleChunks:
+    """Block-causal attention as query chunks: chunk (qs, qe, ke) holds queries [qs, qe), which see
+    keys [0, ke). ``head_mask``: the additive (qe, ke) mask of the first chunk (small scales
+    together), None when it needs none."""
+
+    chunks: tuple[tuple[int, int, int], ...]
+    head_mask: Tensor | None
+
+
+def dense_block_causal(levels: Tensor) -> Tensor:
+    """(L, L) additive mask, 0 where a query's level >= the key's."""
+    return torch.where(levels[:, None] >= levels[None, :], 0.0, float("-inf"))
+
+
+@lru_cache(maxsize=16)
+def _chunks(levels: tuple[int, ...], device: str, dtype: torch.dtype) -> ScaleChunks:
+    bounds = [0] + [i for i in range(1, len(levels)) if levels[i] != levels[i - 1]] + [len(levels)]
+    spans = list(zip(bounds[:-1], bounds[1:]))  # one (start, end) per level
+    first_big = next((i for i, (s, e) in enumerate(spans) if e - s >= MIN_CHUNK), len(spans))
+    chunks, head_mask = [], None
+    if first_big > 0:
+        end = spans[first_big - 1][1]
+        chunks.append((0, end, end))
+        if first_big > 1:
+            head_mask = dense_block_causal(torch.tensor(levels[:end])).to(device=device, dtype=dtype)
+    chunks += [(s, e, e) for s, e in spans[first_big:]]
+    return ScaleChunks(tuple(chunks), head_mask)
+
+
+def block_causal_mask(levels: Sequence[int], impl: AttentionImpl, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    """levels: the scale index of each position (a host-side list, so building the plan never reads
+    the device) -> what :func:`attend` takes: a FlexAttention BlockMask, or :class:`ScaleChunks`."""
+    device = torch.device(device)
+    levels = tuple(int(v) for v in levels)
+    if use_flex(impl, device):
+        lv = torch.tensor(levels, device=device)
+
+        def visible(b, h, q, k):
+            return lv[q] >= lv[k]
+
+        return create_block_mask(visible, None, None, len(levels), len(levels), device=device)
+    return _chunks(levels, str(device), dtype)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
-    """q, k, v (B, H, N, d); mask: None, an additive (N, N) tensor, or a BlockMask."""
+    """q, k, v (B, H, N, d); mask: None, an additive (N, N) tensor, a BlockMask or ScaleChunks."""
+    if isinstance(mask, ScaleChunks):
+        outs = []
+        for i, (qs, qe, ke) in enumerate(mask.chunks):
+            m = mask.head_mask if i == 0 and qs == 0 else None
+            outs.append(F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, :ke], v[:, :, :ke], attn_mask=m, scale=scale))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if BlockMask is not None and isinstance(mask, BlockMask):
         fn = _compiled_flex() if q.is_cuda else flex_attention
         return fn(q, k, v.to(q.dtype), block_mask=mask, scale=scale)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from arsr import schedules
 from arsr.interfaces import Head, TextConditioning
 from arsr.nn.attention import AttentionImpl, block_causal_mask
-from arsr.nn.transformer import FFN, SelfAttention
+from arsr.nn.transformer import FFN, SelfAttention, residual_stream
 from arsr.sampling import StepState, caching, cfg_pair
 
 
@@ -98,9 +98,10 @@ class CrossAttnBlock(nn.Module):
     def forward(self, x: Tensor, gss: Tensor, text: tuple[Tensor, Tensor], mask: Tensor | None, rope: Tensor) -> Tensor:
         # gss (B, 1, 6, C): gamma1, gamma2, scale1, scale2, shift1, shift2
         g1, g2, s1, s2, b1, b2 = (self.ada_gss + gss).unbind(2)
-        x = x + self.drop_path(self.sa(self.ln_wo_grad(x.float()) * (1 + s1) + b1, mask, rope) * g1)
-        x = x + self.ca(self.ca_norm(x), *text).float()
-        return x + self.drop_path(self.ffn(self.ln_wo_grad(x.float()) * (1 + s2) + b2) * g2)
+        # branches join the residual in its dtype: fp32 as official, bf16 with residual_bf16
+        x = x + self.drop_path(self.sa(self.ln_wo_grad(x.float()) * (1 + s1) + b1, mask, rope) * g1).to(x.dtype)
+        x = x + self.ca(self.ca_norm(x), *text).to(x.dtype)
+        return x + self.drop_path(self.ffn(self.ln_wo_grad(x.float()) * (1 + s2) + b2) * g2).to(x.dtype)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -125,7 +126,8 @@ class InfinityTransformer(nn.Module):
         drop_path: stochastic depth rising linearly from 0 to this over the blocks.
         init_adaln, init_adaln_gamma, init_head: Infinity's ``aln``, ``alng``, ``hd0``.
         schedule: the default scale schedule; the task re-binds it to the tokenizer's.
-        attention: training attention kernel: ``sdpa``, ``flex`` (BlockMask), ``auto`` (flex on CUDA).
+        residual_bf16: under bf16 autocast, carry the residual stream in bf16 (Infinity keeps it fp32).
+        attention: training attention kernel: ``sdpa`` (per scale chunk), ``flex`` (BlockMask), ``auto`` (flex on CUDA).
     """
 
     def __init__(
@@ -147,10 +149,11 @@ class InfinityTransformer(nn.Module):
         init_adaln_gamma: float = 5e-6,
         init_head: float = 0.02,
         schedule: schedules.ScheduleSpec = "1M",
+        residual_bf16: bool = False,
         attention: AttentionImpl = "auto",
     ):
         super().__init__()
-        self.attention = attention
+        self.attention, self.residual_bf16 = attention, residual_bf16
         if text_channels % 128:
             raise ValueError(f"text_channels {text_channels} must be a multiple of 128 (the text pool has text_channels / 128 heads)")
         if text is not None and text.dim != text_channels:
@@ -192,6 +195,7 @@ class InfinityTransformer(nn.Module):
         self.bounds = [sum(h * w for h, w in schedule[:k]) for k in range(len(schedule) + 1)]
         levels = torch.cat([torch.full((h * w,), i, device="cpu") for i, (h, w) in enumerate(schedule)])
         self.register_buffer("lvl_1L", levels, persistent=False)
+        self.levels = levels.tolist()  # host copy: the attention plan is built without reading the device
         self.rope = infinity_rope(self.schedule, self.width // self.heads, self.rope_theta)  # derived, never saved
 
     def bind(self, quantizer) -> None:
@@ -269,6 +273,7 @@ class InfinityTransformer(nn.Module):
         """x (B, N, C) at sequence positions [start, start + N) -> hidden states (B, N, C)."""
         x = x + self.lvl_embed(self.lvl_1L[start : start + x.shape[1]])
         rope = self.rope[start : start + x.shape[1]]
+        x = residual_stream(x, self.residual_bf16)
         for block in self.blocks:
             x = block(x, state.extra["gss"], state.extra["text"], mask, rope)
         return x
@@ -288,7 +293,7 @@ class InfinityTransformer(nn.Module):
             drop = torch.rand(feats.shape[0], device=feats.device) < self.cond_drop
         state = self.condition(feats, mask, drop)
         x = torch.cat([self.start_tokens(state), self.embed(inputs)], dim=1)
-        h = self.run_blocks(x, state, 0, block_causal_mask(self.lvl_1L.to(x.device), self.attention, x.dtype))
+        h = self.run_blocks(x, state, 0, block_causal_mask(self.levels, self.attention, x.dtype, x.device))
         logits = self.head(h, state.cond)
         return (logits, h) if return_hidden else logits
 
@@ -314,7 +319,7 @@ class InfinityTransformer(nn.Module):
         seq.append(x)
         x_all = torch.cat(seq, dim=1)
         L = x_all.shape[1]
-        return self.run_blocks(x_all, state, 0, block_causal_mask(self.lvl_1L[:L].to(x.device), "sdpa", x.dtype))[:, -x.shape[1]:]
+        return self.run_blocks(x_all, state, 0, block_causal_mask(self.levels[:L], "sdpa", x.dtype, x.device))[:, -x.shape[1]:]
 
     def kv_cache(self):
         return caching([block.sa for block in self.blocks])

@@ -14,7 +14,7 @@ def sample_top_k_top_p(logits: Tensor, top_k: int, top_p: float, temperature: fl
     probability mass reaches top_p (the largest always kept); top_k = 1 is greedy."""
     if top_k == 1:
         return logits.argmax(-1)
-    logits = logits.float() / max(temperature, 1e-6)
+    logits = logits.float() if temperature == 1 else logits.float() / max(temperature, 1e-6)
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

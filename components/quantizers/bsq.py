@@ -28,7 +28,7 @@ from einops import rearrange
 from torch import Tensor
 
 from arsr import schedules
-from arsr.interfaces import Quantizer, QuantOutput, TeacherForcing
+from arsr.interfaces import Quantizer, QuantOutput, RunningSum, ScaleWalk, TeacherForcing
 
 
 def resize(x: Tensor, size: tuple[int, int], mode: str) -> Tensor:
@@ -217,9 +217,16 @@ class MultiScaleBSQ(Quantizer):
     def f_to_indices(self, f: Tensor) -> list[Tensor]:
         return self.decompose(f).bits
 
+    def scale_term(self, tokens: Tensor, si: int) -> Tensor:
+        """Scale si's share of f_hat: its codes resized (bilinear) to the last latent size (B, d, H, W)."""
+        return resize(self.codes(tokens, si), self.vae_schedule[-1], "bilinear")
+
+    def input_from(self, f_hat: Tensor, k: int) -> Tensor:
+        """Input of scale k from the sum of scales 1..k-1, resized with ``next_input`` (B, h_k * w_k, token_dim)."""
+        return self.to_tokens(resize(f_hat, self.vae_schedule[k], self.next_input))
+
     def indices_to_fhat(self, indices: list[Tensor], upto: int | None = None) -> Tensor:
-        size = self.vae_schedule[-1]
-        return sum(resize(self.codes(b, si), size, "bilinear") for si, b in enumerate(indices[:upto]))
+        return sum(self.scale_term(b, si) for si, b in enumerate(indices[:upto]))
 
     def residual_to_tokens(self, residual: Tensor, si: int) -> Tensor:
         if tuple(residual.shape[-2:]) != self.vae_schedule[si]:
@@ -227,7 +234,10 @@ class MultiScaleBSQ(Quantizer):
         return self.to_tokens(self.bsq(residual.float())[1])
 
     def step_input(self, tokens: list[Tensor]) -> Tensor:
-        return self.to_tokens(resize(self.indices_to_fhat(tokens), self.vae_schedule[len(tokens)], self.next_input))
+        return self.input_from(self.indices_to_fhat(tokens), len(tokens))
+
+    def start_walk(self) -> ScaleWalk:
+        return RunningSum(self)
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from arsr.interfaces import Quantizer, QuantOutput, TeacherForcing
+from arsr.interfaces import Quantizer, QuantOutput, RunningSum, ScaleWalk, TeacherForcing
 
 # scale -> Phi index for VAR's 4 shared Phis; 10 scales has a float64 tie at si = 2 that the
 # official code resolves to 1, so tables are written down rather than recomputed
@@ -131,11 +131,18 @@ class MultiScaleVQ(Quantizer):
     def f_to_indices(self, f: Tensor) -> list[Tensor]:
         return [idx for _, idx, _ in self._walk(f)]
 
+    def scale_term(self, idx: Tensor, si: int) -> Tensor:
+        """Scale si's share of f_hat: Phi(codes bicubic-upsampled to the latent side) (B, C, H, W)."""
+        return self.phi(si, bicubic_up(self.embed(idx, self.patch_nums[si]), self.patch_nums[-1]))
+
+    def input_from(self, f_hat: Tensor, k: int) -> Tensor:
+        """Input of scale k from the sum of scales 1..k-1: area-downsampled to its side (B, pn_k^2, C)."""
+        return rearrange(area_down(f_hat, self.patch_nums[k]), "b c h w -> b (h w) c")
+
     def indices_to_fhat(self, indices: list[Tensor], upto: int | None = None) -> Tensor:
-        H = self.patch_nums[-1]
         f_hat = 0
         for si, idx in enumerate(indices[:upto]):
-            f_hat = f_hat + self.phi(si, bicubic_up(self.embed(idx, self.patch_nums[si]), H))
+            f_hat = f_hat + self.scale_term(idx, si)
         return f_hat
 
     @torch.no_grad()
@@ -152,10 +159,12 @@ class MultiScaleVQ(Quantizer):
                 inputs.append(rearrange(area_down(f_hat, self.patch_nums[si + 1]), "b c h w -> b (h w) c"))
         return TeacherForcing(tokens, torch.cat(inputs, 1))
 
+    def start_walk(self) -> ScaleWalk:
+        return RunningSum(self)
+
     def step_input(self, tokens: list[Tensor]) -> Tensor:
         """Scale k sees everything accumulated up to scale k-1, area-downsampled to its size."""
-        f_hat = self.indices_to_fhat(tokens)
-        return rearrange(area_down(f_hat, self.patch_nums[len(tokens)]), "b c h w -> b (h w) c")
+        return self.input_from(self.indices_to_fhat(tokens), len(tokens))
 
     # -- training forward ------------------------------------------------------------------
     def forward(self, f: Tensor) -> QuantOutput:
@@ -193,3 +202,4 @@ class MultiScaleVQ(Quantizer):
             self.ema_vocab_hit_SV[si].mul_(0.99).add_(hits, alpha=0.01)
         if si == len(self.patch_nums) - 1:
             self.record_hit += 1
+
