@@ -102,30 +102,34 @@ def test_print_config_and_override(capsys):
         (["--ckpt_path", "README.md"], "--ckpt_path README.md is not a readable checkpoint (not a torch.save archive"),
     ],
 )
-def test_errors_are_one_line(args, expected, tmp_path):
-    r = run_cli("fit", "--config", QUICK, *args, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path),
-                "--trainer.logger.init_args.save_dir", str(tmp_path), cwd=ROOT)
-    assert r.returncode != 0
-    assert "Traceback" not in r.stderr, r.stderr[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("arsr: error:")]
-    assert len(errors) == 1 and expected in errors[0], r.stderr[-2000:]
+def test_errors_are_one_line(args, expected, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    code = main(["fit", "--config", QUICK, *args, "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path),
+                 "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("arsr: error:")]
+    assert len(errors) == 1 and expected in errors[0], err[-2000:]
 
 
-def test_broken_yaml_is_one_line(tmp_path):
+def test_broken_yaml_is_one_line(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("trainer:\n  max_steps: 3\n   devices: 1\n")
-    r = run_cli("fit", "--config", QUICK, "--config", str(tmp_path / "bad.yaml"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith("arsr: error: Problems parsing config: mapping values are not allowed")
+    assert main(["fit", "--config", QUICK, "--config", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("arsr: error: Problems parsing config: mapping values are not allowed")
 
 
-def test_missing_config_file():
+def test_missing_config_file(monkeypatch, capsys):
+    """Through the installed entry point (a subprocess), as a user meets it."""
     r = run_cli("fit", "--config", "recipes/nope.yaml")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("arsr: error: config: File does not exist") and "nope.yaml" in r.stderr
 
 
-def _fit(tmp_path, *extra, config=QUICK):
-    return run_cli(
+def _fit(cli, tmp_path, *extra, config=QUICK):
+    return cli(
         "fit", "--config", config,
         "--data.init_args.train_shards", str(SAMPLE / "train-{000000..000001}.tar"),
         "--data.init_args.val_shards", str(SAMPLE / "val-000000.tar"),
@@ -135,8 +139,8 @@ def _fit(tmp_path, *extra, config=QUICK):
     )
 
 
-def test_quickstart_fits_writes_weights_logs_and_resumes(tmp_path):
-    r = _fit(tmp_path, "--trainer.max_steps", "2")
+def test_quickstart_fits_writes_weights_logs_and_resumes(tmp_path, arsr_cli):
+    r = _fit(arsr_cli, tmp_path, "--trainer.max_steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "runs" / "quickstart_tokenizer" / "version_0"
     ckpt_dir = run / "checkpoints"
@@ -151,7 +155,7 @@ def test_quickstart_fits_writes_weights_logs_and_resumes(tmp_path):
     assert "train/loss" in acc.Tags()["scalars"]
 
     # exact resume continues the step counter from last.ckpt, in the same run folder
-    r = _fit(tmp_path, "--trainer.max_steps", "4", "--ckpt_path", "last")
+    r = _fit(arsr_cli, tmp_path, "--trainer.max_steps", "4", "--ckpt_path", "last")
     assert r.returncode == 0, r.stderr[-3000:]
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] == 4
     assert sorted(p.name for p in run.parent.iterdir()) == ["latest", "version_0"] and len(list(run.glob("events.*"))) == 2
@@ -161,15 +165,15 @@ def test_quickstart_fits_writes_weights_logs_and_resumes(tmp_path):
     from safetensors.torch import save_file
 
     save_file(tok, tmp_path / "tok.safetensors")
-    r = _fit(tmp_path, "--trainer.max_steps", "1", "--model.init_args.init_from", str(tmp_path / "tok.safetensors"),
+    r = _fit(arsr_cli, tmp_path, "--trainer.max_steps", "1", "--model.init_args.init_from", str(tmp_path / "tok.safetensors"),
              "--trainer.default_root_dir", str(tmp_path / "second"))
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_quickstart_end_to_end_sr(tmp_path):
+def test_quickstart_end_to_end_sr(tmp_path, arsr_cli):
     """Part 1 (tokenizer) then part 2 (SR model on it), as the README runs them, a few steps each."""
-    assert _fit(tmp_path, "--trainer.max_steps", "2").returncode == 0
-    r = _fit(tmp_path, "--trainer.max_steps", "2", config=QUICK_AR)
+    assert _fit(arsr_cli, tmp_path, "--trainer.max_steps", "2").returncode == 0
+    r = _fit(arsr_cli, tmp_path, "--trainer.max_steps", "2", config=QUICK_AR)
     assert r.returncode == 0, r.stderr[-3000:]
     weights = load_file(tmp_path / "runs" / "quickstart" / "latest" / "checkpoints" / "last.safetensors")
     assert any(k.startswith("transformer.") for k in weights) and any(k.startswith("refiner.") for k in weights)
@@ -181,13 +185,13 @@ def test_quickstart_end_to_end_sr(tmp_path):
     assert "val/lr_outputs_hr" in acc.Tags()["images"] and "val/psnr_y" in acc.Tags()["scalars"]
 
 
-def test_predict_through_the_cli(tmp_path):
+def test_predict_through_the_cli(tmp_path, arsr_cli):
     """Names keep relative paths (no clashes), existing outputs are kept unless overwritten, a summary,
     a failing exit code when an input failed, EXIF orientation applied."""
     from PIL import Image
 
     from conftest import rand_rgb
-    from test_reliability_data import exif_rotated_jpeg
+    from conftest import exif_rotated_jpeg
 
     (tmp_path / "in" / "sub").mkdir(parents=True)
     Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "in" / "a.png")
@@ -197,21 +201,21 @@ def test_predict_through_the_cli(tmp_path):
     out = tmp_path / "out"
     args = ["predict", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"), "--model.init_args.tokenizer_from", "null",
             "--data.init_args.inputs", f"[{tmp_path / 'in'}]", "--trainer.callbacks.init_args.out_dir", str(out)]
-    r = run_cli(*args, cwd=tmp_path)
+    r = arsr_cli(*args, cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]  # c.png failed; the others were written
     assert f"arsr predict: written 3 to {out}, failed 1\n  {tmp_path / 'in' / 'c.png'}: corrupt" in r.stderr
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a.jpg.png", "a.png", "sub/a.png"]
     assert Image.open(out / "a.png").size == (64, 64) and Image.open(out / "a.jpg.png").size == (48, 80)
     (tmp_path / "in" / "c.png").unlink()
     before = (out / "a.png").stat().st_mtime_ns
-    r = run_cli(*args, cwd=tmp_path)
+    r = arsr_cli(*args, cwd=tmp_path)
     assert r.returncode == 0 and "written 0" in r.stderr and "skipped 3 whose output exists (--overwrite replaces them)" in r.stderr
     assert (out / "a.png").stat().st_mtime_ns == before
-    r = run_cli(*args, "--trainer.callbacks.init_args.overwrite", "true", cwd=tmp_path)
+    r = arsr_cli(*args, "--trainer.callbacks.init_args.overwrite", "true", cwd=tmp_path)
     assert r.returncode == 0 and "written 3" in r.stderr and (out / "a.png").stat().st_mtime_ns != before
 
 
-def test_arsr_test_lists_mis_sized_pairs(tmp_path):
+def test_arsr_test_lists_mis_sized_pairs(tmp_path, arsr_cli):
     from PIL import Image
 
     from conftest import rand_rgb
@@ -222,7 +226,7 @@ def test_arsr_test_lists_mis_sized_pairs(tmp_path):
     Image.fromarray(rand_rgb(64, 64)).save(tmp_path / "hr" / "ok.png")
     Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "lr" / "odd.png")
     Image.fromarray(rand_rgb(60, 64)).save(tmp_path / "hr" / "odd.png")
-    r = run_cli("test", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"), "--model.init_args.tokenizer_from", "null",
+    r = arsr_cli("test", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"), "--model.init_args.tokenizer_from", "null",
                 "--data.init_args.inputs", f"[{tmp_path / 'lr'}]", "--data.init_args.hr_dir", str(tmp_path / "hr"), cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "test/psnr_y" in r.stdout  # the good pair was evaluated

@@ -7,19 +7,16 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-from test_recipes import tiny_command
+from conftest import ROOT, tiny_argv
 
 RECIPE = ROOT / "recipes" / "nsarm_stage2.yaml"
 
 
 def run(tmp_path, strategy: list[str]):
-    import shlex
-
-    argv = [a.replace("recipes/", str(ROOT / "recipes") + "/") for a in shlex.split(tiny_command(RECIPE))[1:]]
+    argv = tiny_argv(RECIPE)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "arsr", *argv, "--trainer.devices", "2", *strategy,
-                           "--data.init_args.num_workers", "0", "--trainer.num_sanity_val_steps", "0",
+                           "--trainer.num_sanity_val_steps", "0",
                            "--trainer.limit_val_batches", "0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
 

@@ -103,8 +103,8 @@ TINY = ["--config", str(ROOT / "recipes" / "quickstart_tokenizer.yaml"),
         "--trainer.enable_progress_bar", "false"]
 
 
-def test_cli_resumes_from_the_newest_good_checkpoint_and_init_from_exports(tmp_path):
-    r = run("-m", "arsr", "fit", *TINY, "--trainer.max_steps", "2", "--trainer.callbacks.init_args.every_n_train_steps", "1",
+def test_cli_resumes_from_the_newest_good_checkpoint_and_init_from_exports(tmp_path, arsr_cli):
+    r = arsr_cli("fit", *TINY, "--trainer.max_steps", "2", "--trainer.callbacks.init_args.every_n_train_steps", "1",
             "--trainer.callbacks.init_args.save_top_k", "-1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ckpts = tmp_path / "runs" / "quickstart_tokenizer" / "version_0" / "checkpoints"
@@ -112,7 +112,7 @@ def test_cli_resumes_from_the_newest_good_checkpoint_and_init_from_exports(tmp_p
     good = ckpts / "epoch=0-step=2.ckpt"
     assert good.is_file()
     (ckpts / "last.ckpt").write_bytes((ckpts / "last.ckpt").read_bytes()[:100])  # truncated by a crash
-    r = run("-m", "arsr", "fit", *TINY, "--trainer.max_steps", "3", "--trainer.callbacks.init_args.every_n_train_steps", "1",
+    r = arsr_cli("fit", *TINY, "--trainer.max_steps", "3", "--trainer.callbacks.init_args.every_n_train_steps", "1",
             "--ckpt_path", "last", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"skipping {ckpts / 'last.ckpt'} is not a readable checkpoint" in r.stderr
@@ -121,13 +121,13 @@ def test_cli_resumes_from_the_newest_good_checkpoint_and_init_from_exports(tmp_p
 
     # init_from takes the task's own export (keys under "tokenizer."), into a fresh run
     assert all(k.startswith("tokenizer.") for k in load_file(ckpts / "last.safetensors"))
-    r = run("-m", "arsr", "fit", *TINY, "--trainer.max_steps", "1", "--model.init_args.init_from", str(ckpts / "last.safetensors"),
+    r = arsr_cli("fit", *TINY, "--trainer.max_steps", "1", "--model.init_args.init_from", str(ckpts / "last.safetensors"),
             "--trainer.default_root_dir", "second", "--trainer.callbacks.init_args.dirpath", "second/ck", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("kind", ["read_only", "under_a_file"])
-def test_unwritable_output_is_found_before_any_work(tmp_path, kind):
+def test_unwritable_output_is_found_before_any_work(tmp_path, kind, arsr_cli):
     if kind == "read_only":
         (tmp_path / "ro").mkdir()
         (tmp_path / "ro").chmod(0o555)
@@ -137,7 +137,7 @@ def test_unwritable_output_is_found_before_any_work(tmp_path, kind):
     else:
         (tmp_path / "file").write_text("")
         target = tmp_path / "file" / "ck"
-    r = run("-m", "arsr", "fit", *TINY, "--trainer.max_steps", "1", "--trainer.callbacks.init_args.dirpath", str(target), cwd=tmp_path)
+    r = arsr_cli("fit", *TINY, "--trainer.max_steps", "1", "--trainer.callbacks.init_args.dirpath", str(target), cwd=tmp_path)
     assert r.returncode == 2
     assert f"checkpoint folder {target} is not writable" in r.stderr and "Traceback" not in r.stderr
     assert not list(tmp_path.rglob("*.ckpt")) and "Epoch" not in r.stderr  # stopped before training
@@ -152,20 +152,28 @@ def test_load_into_reports_keys_by_module():
         load_into(module, state, "init_from=x")
 
 
-def test_pickled_code_is_refused_everywhere(tmp_path, evil):
+def test_pickled_code_is_refused_everywhere(tmp_path, evil, monkeypatch, capsys):
+    """--ckpt_path, init_from, tokenizer_from and tools/convert.py refuse the file, and nothing in it runs
+    (in-process: the unpickling would run right here)."""
+    from arsr.cli import main
+
     ckpt, marker = evil
-    r = run("-m", "arsr", "fit", *TINY, "--trainer.max_steps", "1", "--ckpt_path", str(ckpt), cwd=tmp_path)
-    assert r.returncode == 2 and "was refused: it holds Python objects" in r.stderr, r.stderr[-2000:]
+    monkeypatch.chdir(tmp_path)
+
+    def refused(argv: list[str], message: str) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err, err[-2000:]
+
+    refused(["fit", *TINY, "--trainer.max_steps", "1", "--ckpt_path", str(ckpt)], "was refused: it holds Python objects")
     renamed = tmp_path / "evil.safetensors"
     renamed.write_bytes(ckpt.read_bytes())
     for path in (ckpt, renamed):
         with pytest.raises(ValueError, match="only|not a readable safetensors"):
             load_weights(path)  # init_from and tokenizer_from read through load_weights
-    r = run("-m", "arsr", "fit", *TINY, "--trainer.max_steps", "1", "--model.init_args.init_from", str(ckpt), cwd=tmp_path)
-    assert r.returncode == 2 and ".safetensors files only" in r.stderr, r.stderr[-2000:]
-    r = run("-m", "arsr", "fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--model.init_args.tokenizer_from",
-            str(renamed), "--trainer.max_steps", "1", cwd=tmp_path)
-    assert r.returncode == 2 and "not a readable safetensors file" in r.stderr, r.stderr[-2000:]
+    refused(["fit", *TINY, "--trainer.max_steps", "1", "--model.init_args.init_from", str(ckpt)], ".safetensors files only")
+    refused(["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--model.init_args.tokenizer_from", str(renamed),
+             "--trainer.max_steps", "1"], "not a readable safetensors file")
     r = run(str(ROOT / "tools" / "convert.py"), "--src", str(ckpt), "--preset", "var_vqvae", "--out", str(tmp_path / "w"), cwd=tmp_path)
     assert r.returncode == 2 and "could not be read as a weights-only torch checkpoint" in r.stderr, r.stderr[-2000:]
     assert not marker.exists()  # nothing ran

@@ -16,7 +16,7 @@ from arsr.data import BadSample, ShardDataModule, decode_rgb, pack_folder
 from arsr.data.datamodule import CleanSamples, collate
 from arsr.data.stream import NoUsableSamples
 
-from conftest import png_bytes, rand_rgb
+from conftest import png_bytes, rand_rgb, exif_rotated_jpeg
 
 
 def bomb_png(w: int = 100_000, h: int = 100_000) -> bytes:
@@ -24,14 +24,6 @@ def bomb_png(w: int = 100_000, h: int = 100_000) -> bytes:
     chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + \
         chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-
-
-def exif_rotated_jpeg(arr: np.ndarray, orientation: int = 6) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation  # 6: rotate 90 degrees clockwise to display
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=95, exif=exif)
-    return buf.getvalue()
 
 
 def cmyk_jpeg() -> bytes:
