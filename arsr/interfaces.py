@@ -271,19 +271,46 @@ class Quantizer(nn.Module, ABC):
 
 @dataclass(frozen=True)
 class Layout:
-    """Where every token sits in a next-scale sequence.
+    """The sizes every component binds to (``bind(layout)``), derived once from the tokenizer
+    (:meth:`of`) plus the backbone's width and heads and the conditioning's prefix maps.
 
-    The sequence is ``[prefix tokens][scale 1][scale 2]...[scale K]``. The prefix (LR tokens,
-    a quality token, ...) comes from the conditioning; its last ``patch_nums[0]**2`` positions
-    double as the start tokens that predict scale 1 when the conditioning has no start of its
-    own. ``prefix_grids`` are the square maps the prefix is made of (for 2-D positions).
+    The sequence is ``[prefix tokens][scale 1][scale 2]...[scale K]``. The prefix (LR tokens, ...)
+    comes from the conditioning; its last ``h_1 * w_1`` positions double as the start tokens that
+    predict scale 1 when the conditioning has no start of its own.
+
+    width, heads: the backbone's (0 and 1 where no backbone is involved: a transformation network).
+    latent_dim: width of a token's code, the backbone's input (the quantizer's ``token_dim``).
+    schedule: (h, w) of the token map at each scale, smallest first.
+    prefix_grids: the square maps the prefix is made of (for 2-D positions).
+    vae_dim, vae_schedule: the tokenizer latent's channels and per-scale map sizes (None: equal to
+        latent_dim and schedule; they differ when tokens are patchified, Infinity-8B).
     """
 
     width: int
     heads: int
     latent_dim: int
-    patch_nums: tuple[int, ...]
+    schedule: tuple[tuple[int, int], ...]
     prefix_grids: tuple[int, ...] = ()
+    vae_dim: int | None = None
+    vae_schedule: tuple[tuple[int, int], ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "schedule", tuple((int(h), int(w)) for h, w in self.schedule))
+        object.__setattr__(self, "vae_dim", self.latent_dim if self.vae_dim is None else self.vae_dim)
+        vs = self.schedule if self.vae_schedule is None else self.vae_schedule
+        object.__setattr__(self, "vae_schedule", tuple((int(h), int(w)) for h, w in vs))
+
+    @classmethod
+    def of(cls, quantizer: Quantizer, width: int = 0, heads: int = 1, prefix_grids: tuple[int, ...] = ()) -> Layout:
+        """The layout of a quantizer's tokens (for a backbone of this width / heads)."""
+        return cls(width, heads, quantizer.token_dim, quantizer.schedule, tuple(prefix_grids), quantizer.dim, quantizer.vae_schedule)
+
+    @property
+    def patch_nums(self) -> tuple[int, ...]:
+        """Sides of a square schedule (VAR's patch_nums); raises for non-square token maps."""
+        if any(h != w for h, w in self.schedule):
+            raise ValueError(f"schedule {self.schedule} is not square; this component needs square token maps")
+        return tuple(h for h, _ in self.schedule)
 
     @property
     def head_dim(self) -> int:
@@ -295,20 +322,26 @@ class Layout:
 
     @property
     def first_len(self) -> int:  # prefix + the first scale's start tokens
-        return self.prefix_len + self.patch_nums[0] ** 2
+        h, w = self.schedule[0]
+        return self.prefix_len + h * w
 
     @property
     def image_len(self) -> int:
-        return sum(p * p for p in self.patch_nums)
+        return sum(h * w for h, w in self.schedule)
 
     @property
     def total_len(self) -> int:
         return self.prefix_len + self.image_len
 
+    def scale_start(self, si: int) -> int:
+        """Sequence position of scale si's first input token (scale 1: the start of the prefix)."""
+        return 0 if si == 0 else self.first_len + sum(h * w for h, w in self.schedule[1:si])
+
     def levels(self) -> Tensor:
         """(total_len,) scale index of each position; the prefix and scale 1 share level 0."""
-        lv = [torch.zeros(self.first_len, dtype=torch.long, device="cpu")]  # a table of ints, also under a meta-device build
-        lv += [torch.full((p * p,), i, dtype=torch.long, device="cpu") for i, p in enumerate(self.patch_nums) if i > 0]
+        cpu = dict(dtype=torch.long, device="cpu")  # a table of ints, also under a meta-device build
+        lv = [torch.zeros(self.first_len, **cpu)]
+        lv += [torch.full((h * w,), i, **cpu) for i, (h, w) in enumerate(self.schedule) if i > 0]
         return torch.cat(lv)
 
     def grids(self) -> tuple[int, ...]:
@@ -348,10 +381,11 @@ class Conditioning(nn.Module, ABC):
 
 
 class Head(nn.Module, ABC):
-    """Maps hidden states to token logits and scores / samples tokens."""
+    """Maps hidden states to token logits and scores / samples tokens. ``bind(layout)`` creates its
+    parameters for the backbone's width (the condition vector has the same width)."""
 
     @abstractmethod
-    def bind(self, width: int, cond_dim: int) -> None: ...
+    def bind(self, layout: Layout) -> None: ...
 
     def check_tokens(self, quantizer: Quantizer) -> None:
         """Raise a one-line error when this head cannot score the quantizer's tokens."""
@@ -382,14 +416,15 @@ class Head(nn.Module, ABC):
 class ScalePredictor(nn.Module, ABC):
     """Predicts the first scales of the residual pyramid from the LR image (NSARM's transformation network).
 
-    ``bind`` receives the latent width and the (h, w) latent-space sizes of the scales it predicts;
-    ``attach_tokenizer`` the frozen tokenizer (for networks that read its encoder's features).
+    ``bind(layout)`` gives the tokenizer's sizes (it predicts ``layout.vae_dim`` channels at the
+    latent sizes ``layout.vae_schedule[:num_scales]``); ``attach_tokenizer`` the frozen tokenizer
+    (for networks that read its encoder's features).
     """
 
     num_scales: int
 
     @abstractmethod
-    def bind(self, latent_dim: int, sides: tuple[tuple[int, int], ...]) -> None: ...
+    def bind(self, layout: Layout) -> None: ...
 
     def attach_tokenizer(self, tokenizer: nn.Module) -> None:
         """Called by the task with its frozen tokenizer."""

@@ -4,6 +4,8 @@ import re
 
 import pytest
 import torch
+
+from arsr.interfaces import Layout
 from torch import nn
 
 from arsr.components.conditioning import NSARMTransformationNet
@@ -98,11 +100,12 @@ class FakeTokenizer(nn.Module):
 
 def test_contract_bind_forward_and_errors():
     net = NSARMTransformationNet(**TINY)
-    net.bind(4, ((1, 1), (2, 2), (4, 4), (8, 8)))
+    sides = lambda *s: tuple((n, n) for n in s) + ((16, 16),)  # the schedule's first scales (+ one left to the transformer)
+    net.bind(Layout(0, 1, 4, sides(1, 2, 4, 8)))
     with pytest.raises(ValueError, match="built for sides"):
-        net.bind(4, ((1, 1), (2, 2), (3, 3), (8, 8)))
+        net.bind(Layout(0, 1, 4, sides(1, 2, 3, 8)))
     with pytest.raises(ValueError, match="latent_dim 4"):
-        net.bind(32, ((1, 1), (2, 2), (4, 4), (8, 8)))
+        net.bind(Layout(0, 1, 32, sides(1, 2, 4, 8)))
     with pytest.raises(RuntimeError, match="no tokenizer"):
         net(torch.rand(1, 3, 16, 16))
     tok = FakeTokenizer()

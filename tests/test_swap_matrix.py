@@ -150,3 +150,24 @@ def test_training_step_and_sampling_never_wait_for_the_device(name):
     tokens, f_hat = task.sample_tokens(batch["lr_up"] * 2 - 1, generator=torch.Generator().manual_seed(0), lr=batch["lr"] * 2 - 1,
                                        captions=["a cat", "a tree"], cfg=2.0)
     assert f_hat.shape[0] == 2 and type(f_hat).__name__ == "DeviceTensor"
+
+
+@pytest.mark.parametrize("pos", [AbsolutePerScale, lambda: LearnedResampled(grid=8)], ids=["absolute", "learned_resampled"])
+def test_var_backbone_on_a_non_square_schedule(pos):
+    """The Layout holds (h, w) per scale: a VAR-family backbone trains and samples on Infinity-style
+    rectangular token maps (here 1x1, 1x2, 2x4, 4x8 for a 16 x 32 image)."""
+    torch.manual_seed(0)
+    sched = [(1, 1), (1, 2), (2, 4), (4, 8)]
+    tok = VQVAE(MultiScaleBSQ(8, sched), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False, using_mid_sa=False, quant_conv_ks=0)
+    tr = NextScaleTransformer(pos(), BitwiseHead(), None, depth=2, width=64, heads=4, num_classes=1, null_class=None, cond_drop=0.0)
+    task = ARFinetune(tr, tok, inference=Inference(top_k=0, top_p=0.9, val_samples=0))
+    task.log = task.log_dict = lambda *a, **k: None
+    assert tr.layout.schedule == tuple(sched) and tr.layout.total_len == 1 + 2 + 8 + 32
+    hr = torch.rand(2, 3, 16, 32)
+    lr = torch.nn.functional.interpolate(hr, scale_factor=0.25, mode="area")
+    loss = task.training_step({"hr": hr, "lr": lr, "lr_up": torch.nn.functional.interpolate(lr, size=(16, 32), mode="bicubic")}, 0)
+    loss.backward()
+    tokens, f_hat = task.sample_tokens(hr * 2 - 1, generator=torch.Generator().manual_seed(0))
+    assert [t.shape[1] for t in tokens] == [h * w for h, w in sched] and f_hat.shape == (2, 8, 4, 8) and torch.isfinite(loss)
+    with pytest.raises(ValueError, match="not square"):
+        NextScaleTransformer(SARoPE(), BitwiseHead(), None, depth=1, width=32, heads=2, num_classes=1, null_class=None).bind(tok.quantize)

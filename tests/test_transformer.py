@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from arsr.interfaces import Layout
 from arsr.nn.attention import dense_block_causal
 
 from arsr.components.conditioning import EncoderFeatures, PrefixTokens
@@ -123,7 +124,7 @@ def test_top_k_top_p_sampling():
 
 def test_bitwise_head_logprob_is_sum_over_bits():
     h = BitwiseHead(bits=3)
-    h.bind(8, 8)
+    h.bind(Layout(8, 1, 3, ((1, 1),)))
     logits = torch.randn(2, 5, 3, 2)
     bits = torch.randint(0, 2, (2, 5, 3))
     lp = h.log_prob(logits, bits)

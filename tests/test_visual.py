@@ -21,7 +21,9 @@ def test_grid_layout_logging_and_metric_names(tmp_path):
     g = sr_grid(lr, outs, hr, n=2)
     assert g.shape == (3, 14 + 2 * 34 + 2, 5 * 34 + 2)  # title row + 2 samples, LR | 3 outputs | HR
     assert torch.equal(g[:, 14 + 2 : 14 + 34, -34:-2], hr[0]) and torch.equal(g[:, 16:48, 2:34], torch.nn.functional.interpolate(lr, size=32)[0])
-    log_sr_grid(_Module(TensorBoardLogger(tmp_path, name="tb")), "val/lr_scales_hr", lr, outs, hr, n=2)
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    log_sr_grid(_Module(tb), "val/lr_scales_hr", lr, outs, hr, n=2)
+    tb.experiment.flush()  # the writer's queue is written asynchronously
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}).Reload()

@@ -24,7 +24,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 
 from arsr import schedules
-from arsr.interfaces import Head, TextConditioning
+from arsr.interfaces import Head, Layout, TextConditioning
 from arsr.nn.attention import AttentionImpl, block_causal_mask
 from arsr.nn.transformer import FFN, SelfAttention, residual_stream
 from arsr.sampling import StepState, caching, cfg_pair
@@ -182,8 +182,8 @@ class InfinityTransformer(nn.Module):
 
             head = BitwiseHead(bits=token_dim)
         self.head = head
-        head.bind(width, width)
         self.bind_schedule(schedules.resolve(schedule))
+        head.bind(self.layout)
         self.init_weights(init_adaln, init_adaln_gamma, init_head)
 
     # -- sizes ------------------------------------------------------------------------------------
@@ -192,6 +192,7 @@ class InfinityTransformer(nn.Module):
         if len(schedule) > self.lvl_embed.num_embeddings:
             raise ValueError(f"schedule has {len(schedule)} scales; Infinity's level embedding has {self.lvl_embed.num_embeddings}")
         self.schedule = tuple(schedule)
+        self.layout = Layout(self.width, self.heads, self.token_dim, self.schedule)
         self.bounds = [sum(h * w for h, w in schedule[:k]) for k in range(len(schedule) + 1)]
         levels = torch.cat([torch.full((h * w,), i, device="cpu") for i, (h, w) in enumerate(schedule)])
         self.register_buffer("lvl_1L", levels, persistent=False)

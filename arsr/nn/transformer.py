@@ -13,6 +13,7 @@ positions of scale k's tokens predict scale k (the start tokens predict scale 1)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -205,22 +206,22 @@ class NextScaleTransformer(nn.Module):
         self.head = head
         self._init = (init_adaln, init_adaln_gamma, init_head)
         if patch_nums is not None:  # built now (official layouts, conversion); checked against the tokenizer later
-            self.build(32 if latent_dim is None else latent_dim, tuple(patch_nums))
+            self.build(Layout(self.width, self.heads, 32 if latent_dim is None else latent_dim, tuple((p, p) for p in patch_nums)))
 
-    def build(self, latent_dim: int, patch_nums: tuple[int, ...]) -> None:
+    def build(self, sizes: Layout) -> None:
         """Create the schedule-dependent parts (start tokens, level table, input projection, and the
-        components' own) for this latent width and schedule, then initialise every weight."""
-        L = self.layout = Layout(self.width, self.heads, latent_dim, tuple(patch_nums),
-                                 self.conditioning.prefix_grids if self.conditioning else ())
+        components' own, each through ``bind(layout)``) for these token sizes, then initialise every weight."""
+        prefix = self.conditioning.prefix_grids if self.conditioning else ()
+        L = self.layout = dataclasses.replace(sizes, width=self.width, heads=self.heads, prefix_grids=tuple(prefix))
         self.pos_start = nn.Parameter(torch.empty(1, L.first_len, self.width))
-        self.word_embed = nn.Linear(latent_dim, self.width)
-        self.lvl_embed = nn.Embedding(len(patch_nums), self.width)
+        self.word_embed = nn.Linear(L.latent_dim, self.width)
+        self.lvl_embed = nn.Embedding(len(L.schedule), self.width)
         self.register_buffer("lvl_1L", L.levels()[None], persistent=False)
         self.levels = L.levels().tolist()  # host copy: the attention plan is built without reading the device
         for component in (self.pos_enc, self.conditioning):
             if component is not None:
                 component.bind(L)
-        self.head.bind(self.width, self.width)
+        self.head.bind(L)
         self.init_weights(*self._init)
 
     def bind(self, quantizer: Quantizer) -> None:
@@ -228,9 +229,11 @@ class NextScaleTransformer(nn.Module):
         them against those this transformer was built with."""
         self.head.check_tokens(quantizer)
         if not hasattr(self, "layout"):
-            self.build(quantizer.token_dim, quantizer.patch_nums)
-        elif tuple(self.layout.patch_nums) != tuple(quantizer.patch_nums):
-            raise ValueError(f"transformer patch_nums {self.layout.patch_nums} != tokenizer's {quantizer.patch_nums}")
+            self.build(Layout.of(quantizer))
+        elif self.layout.schedule != tuple(quantizer.schedule):
+            raise ValueError(f"transformer patch_nums {self.layout.patch_nums} != tokenizer's {quantizer.patch_nums}"
+                             if all(h == w for h, w in quantizer.schedule) else
+                             f"transformer schedule {self.layout.schedule} != tokenizer's {tuple(quantizer.schedule)}")
         elif self.layout.latent_dim != quantizer.token_dim:
             raise ValueError(f"transformer latent_dim {self.layout.latent_dim} != the tokenizer's {quantizer.token_dim}")
 
@@ -284,7 +287,8 @@ class NextScaleTransformer(nn.Module):
 
     def first_block(self, cond: Tensor, prefix: Tensor | None) -> Tensor:
         """(B, first_len, C): prefix tokens + start tokens (the class embedding) + pos_start."""
-        start = cond[:, None].expand(-1, self.layout.patch_nums[0] ** 2, -1)
+        h, w = self.layout.schedule[0]
+        start = cond[:, None].expand(-1, h * w, -1)
         x = start if prefix is None else torch.cat([prefix, start], dim=1)
         return x + self.pos_start
 
@@ -350,9 +354,10 @@ class NextScaleTransformer(nn.Module):
     def step(self, x: Tensor, si: int, state: StepState) -> Tensor:
         """Hidden states of scale si: through the KV cache, or (cache off) by recomputing the whole
         sequence so far under the block-causal mask."""
-        pos = 0 if si == 0 else self.layout.first_len + sum(p * p for p in self.layout.patch_nums[1:si])
+        pos = self.layout.scale_start(si)
         x = self._add_position(x, pos)
-        n = self.layout.patch_nums[si] ** 2
+        h, w = self.layout.schedule[si]
+        n = h * w
         if self.blocks[0].attn.cache is not None:
             return self.run_blocks(x, state.cond, pos, None, state.extra["text"])[:, -n:]
         state.extra["seq"].append(x)

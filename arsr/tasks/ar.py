@@ -14,7 +14,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from arsr.checkpoint import load_into, load_weights
 from arsr.inference import Inference, SuperResolution
-from arsr.interfaces import ARContext, Labels, Refiner, Regularizer, ScalePredictor, SRBatch
+from arsr.interfaces import ARContext, Labels, Layout, Refiner, Regularizer, ScalePredictor, SRBatch
 from arsr.nn.infinity import InfinityTransformer
 from arsr.nn.transformer import NextScaleTransformer
 from arsr.nn.vae import VQVAE
@@ -144,7 +144,7 @@ def bind_predictor(predictor: ScalePredictor, tokenizer: VQVAE) -> ScalePredicto
     if predictor.num_scales >= len(q.vae_schedule):
         raise ValueError(f"the transformation network predicts {predictor.num_scales} scales of a {len(q.vae_schedule)}-scale schedule: "
                          "leave at least one scale to the transformer")
-    predictor.bind(q.dim, q.vae_schedule[: predictor.num_scales])
+    predictor.bind(Layout.of(q))
     predictor.attach_tokenizer(tokenizer)
     return predictor
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from arsr.interfaces import ScalePredictor
+from arsr.interfaces import Layout, ScalePredictor
 
 # Released NSARM (Infinity-8B, d56 VAE at stride 8 with 14 latent channels, LR 256 -> 32x32 latent;
 # the 7 sides are the first scales of the 1M schedule in VAE space). 385,103,600 parameters.
@@ -105,8 +105,8 @@ class NSARMTransformationNet(ScalePredictor):
         """The released NSARM network (Infinity-8B, d56 VAE, LR 256)."""
         return cls(**NSARM_8B)
 
-    def bind(self, latent_dim: int, sides: tuple[tuple[int, int], ...]) -> None:
-        sides = tuple(_pair(s) for s in sides)
+    def bind(self, layout: Layout) -> None:
+        latent_dim, sides = layout.vae_dim, layout.vae_schedule[: self.num_scales]
         if latent_dim != self.latent_dim:
             raise ValueError(f"NSARMTransformationNet was built for latent_dim {self.latent_dim}, the tokenizer has {latent_dim}")
         if sides != self.sides:

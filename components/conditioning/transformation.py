@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from arsr.interfaces import ScalePredictor
+from arsr.interfaces import Layout, ScalePredictor
 
 
 class TransformationNet(ScalePredictor):
@@ -24,8 +24,8 @@ class TransformationNet(ScalePredictor):
         super().__init__()
         self.num_scales, self.width, self.downsample, self.depth = num_scales, width, downsample, depth
 
-    def bind(self, latent_dim: int, sides: tuple[tuple[int, int], ...]) -> None:
-        self.sides = tuple(tuple(s) for s in sides)
+    def bind(self, layout: Layout) -> None:
+        latent_dim, self.sides = layout.vae_dim, layout.vae_schedule[: self.num_scales]
         steps = max(1, self.downsample.bit_length() - 1)
         layers = [nn.Conv2d(3, self.width, 3, padding=1)]
         layers += [nn.Conv2d(self.width, self.width, 4, stride=2, padding=1) for _ in range(steps)]

@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from arsr.interfaces import Head
+from arsr.interfaces import Head, Layout
 
 
 def sample_top_k_top_p(logits: Tensor, top_k: int, top_p: float, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -47,11 +47,11 @@ class IndexHead(Head):
         super().__init__()
         self.vocab_size = vocab_size
 
-    def bind(self, width: int, cond_dim: int) -> None:
+    def bind(self, layout: Layout) -> None:
         if self.vocab_size is None:
             raise ValueError(f"{type(self).__name__} needs its size (vocab_size / bits) when the transformer is not bound to a tokenizer")
-        self.head_nm = AdaLNBeforeHead(width, cond_dim)
-        self.head = nn.Linear(width, self.vocab_size)
+        self.head_nm = AdaLNBeforeHead(layout.width, layout.width)
+        self.head = nn.Linear(layout.width, self.vocab_size)
 
     def check_tokens(self, quantizer) -> None:
         if quantizer.token_kind != "index":

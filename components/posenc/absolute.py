@@ -25,7 +25,7 @@ class AbsolutePerScale(PositionalEncoding):
 
 
 class LearnedResampled(PositionalEncoding):
-    """MSVAR: one over-parameterised learned grid (C, P, P), resized to each scale's pn x pn.
+    """MSVAR: one over-parameterised learned grid (C, P, P), resized to each scale's h x w.
 
     Args:
         grid: side P of the stored grid (>= the largest scale).
@@ -37,18 +37,19 @@ class LearnedResampled(PositionalEncoding):
         self.grid, self.mode = grid, mode
 
     def bind(self, layout: Layout) -> None:
-        if self.grid < max(layout.patch_nums):
-            raise ValueError(f"LearnedResampled grid {self.grid} is smaller than the largest scale {max(layout.patch_nums)}")
+        largest = max(max(hw) for hw in layout.schedule)
+        if self.grid < largest:
+            raise ValueError(f"LearnedResampled grid {self.grid} is smaller than the largest scale {largest}")
         self.pos_grid = nn.Parameter(torch.empty(1, layout.width, self.grid, self.grid))
         nn.init.trunc_normal_(self.pos_grid, std=math.sqrt(1 / (3 * layout.width)))
-        self.patch_nums = layout.patch_nums
+        self.schedule = layout.schedule
 
     def table(self) -> Tensor:
         """(L, C): the grid resized to every scale, flattened row-major and concatenated."""
         per_scale = []
-        for pn in self.patch_nums:
-            g = self.pos_grid if pn == self.grid else F.interpolate(
-                self.pos_grid, size=(pn, pn), mode=self.mode, **({} if self.mode == "area" else {"align_corners": False}))
+        for h, w in self.schedule:
+            g = self.pos_grid if (h, w) == (self.grid, self.grid) else F.interpolate(
+                self.pos_grid, size=(h, w), mode=self.mode, **({} if self.mode == "area" else {"align_corners": False}))
             per_scale.append(rearrange(g, "1 c h w -> (h w) c"))
         return torch.cat(per_scale)
 
