@@ -311,10 +311,6 @@ def check_values(cfg) -> None:
                                   f"(x{stride}); set crop_size {patch_nums[-1] * stride} or change patch_nums")
 
 
-class CLIError(Exception):
-    pass
-
-
 def _short(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     if any(line.startswith("Original Traceback") for line in lines):  # re-raised from a DataLoader worker

@@ -139,7 +139,8 @@ def infinity_from_state_dict(state: dict[str, torch.Tensor], schedule: str = "1M
 # official key prefix -> arsr key prefix (first match wins); None drops derived buffers
 VAR_KEYS = (("pos_1LC", "pos_enc.pos_1LC"), ("head_nm.", "head.head_nm."), ("head.", "head.head."),
             ("lvl_1L", None), ("attn_bias_for_masking", None))
-VARSR_KEYS = (("con_embedding.", "conditioning.con_embedding."), ("decoder_norm.", None), ("diffloss.", None)) + VAR_KEYS
+VARSR_KEYS = (("con_embedding.", "conditioning.con_embedding."), ("decoder_norm.", "refiner.decoder_norm."),
+              ("diffloss.", "refiner.diffloss.")) + VAR_KEYS  # the refiner's keys go to its part (see Preset.parts)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ PRESETS = {
                       key_map=VAR_KEYS, out_prefix="transformer."),
     "varsr": Preset(
         "VARSR.pth (d24 SR transformer + LR encoder + diffusion refiner)", _varsr(24), ("trainer.var_wo_ddp",),
-        key_map=(("decoder_norm.", "refiner.decoder_norm."), ("diffloss.", "refiner.diffloss.")) + VARSR_KEYS,
+        key_map=VARSR_KEYS,
         parts=(("refiner.", {"class_path": "arsr.components.refiners.DiffusionRefiner", "init_args": {"latent_dim": 32, "cond_dim": 1536}}),),
         out_prefix="transformer."),
     **{name: Preset(f"Infinity transformer {name} ({'infinity_2b_reg.pth' if name == 'infinity_2b' else 'official layout'}, d32 tokens)",

@@ -9,6 +9,8 @@ import torch
 
 from conftest import ROOT, tiny_argv
 
+pytestmark = pytest.mark.slow
+
 RECIPE = ROOT / "recipes" / "nsarm_stage2.yaml"
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import ROOT, SAMPLE
 
+pytestmark = pytest.mark.slow
+
 TINY = ["--config", str(ROOT / "recipes" / "quickstart_tokenizer.yaml"),
         "--model.init_args.tokenizer.init_args.ch", "32", "--model.init_args.tokenizer.init_args.ch_mult", "[1, 2, 2]",
         "--model.init_args.tokenizer.init_args.quantizer.init_args.patch_nums", "[1, 2, 4, 8]",

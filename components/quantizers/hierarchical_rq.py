@@ -47,7 +47,10 @@ class HierarchicalRQ(MultiScaleVQ):
         if len(set(self.last_step)) != len(self.last_step) or self.last_step[0] == 0:
             raise ValueError(f"every target side in {target_sides} must add at least one step of {patch_nums}")
 
-    teacher = Quantizer.teacher  # steps reuse earlier scales' codes: the generic path, not MultiScaleVQ's walk
+    # steps accumulate at their own output scale's side (not one running sum at the last side): the
+    # generic teacher forcing and sampling walk, not MultiScaleVQ's single-sum ones
+    teacher = Quantizer.teacher
+    start_walk = Quantizer.start_walk
 
     @property
     def output_steps(self) -> tuple[int, ...]:

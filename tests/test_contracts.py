@@ -1,0 +1,118 @@
+"""Every implementation of a family, through the family's contract.
+
+Implementations are discovered from their packages (``__all__``): a new class without a case here
+fails ``test_every_implementation_is_covered``, so no component ships untested against its contract.
+"""
+
+import inspect
+
+import pytest
+import torch
+
+import arsr.components.degradations as degradations
+import arsr.components.heads as heads
+import arsr.components.posenc as posenc
+import arsr.components.quantizers as quantizers
+from arsr.interfaces import Degradation, Head, Layout, PositionalEncoding, Quantizer
+from arsr.nn.vae import HierarchicalVQVAE, VQVAE
+
+VAE = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+
+# class -> a tokenizer holding it (the quantizer's input is what that tokenizer's encoder gives)
+TOKENIZERS = {
+    quantizers.MultiScaleVQ: lambda: VQVAE(quantizers.MultiScaleVQ(32, 4, (1, 2, 3, 4, 6, 8)), **VAE),
+    quantizers.HierarchicalRQ: lambda: HierarchicalVQVAE(quantizers.HierarchicalRQ(32, 4, (2, 4, 6, 8), (4, 8)), **VAE),
+    quantizers.MultiScaleBSQ: lambda: VQVAE(quantizers.MultiScaleBSQ(4, [(1, 1), (1, 2), (2, 4), (4, 8)]), **VAE, using_sa=False,
+                                            using_mid_sa=False, quant_conv_ks=0),
+}
+POSENC = {posenc.AbsolutePerScale: lambda: posenc.AbsolutePerScale(), posenc.LearnedResampled: lambda: posenc.LearnedResampled(grid=8),
+          posenc.SARoPE: lambda: posenc.SARoPE()}
+HEADS = {heads.IndexHead: lambda: heads.IndexHead(32), heads.BitwiseHead: lambda: heads.BitwiseHead(4)}
+DEGRADATIONS = {degradations.RealESRGANDegradation: lambda: degradations.RealESRGANDegradation(),
+                degradations.BicubicDegradation: lambda: degradations.BicubicDegradation(4)}
+FAMILIES = [(quantizers, Quantizer, TOKENIZERS), (posenc, PositionalEncoding, POSENC), (heads, Head, HEADS),
+            (degradations, Degradation, DEGRADATIONS)]
+
+
+def implementations(package, base) -> set[type]:
+    return {obj for name in package.__all__ if inspect.isclass(obj := getattr(package, name)) and issubclass(obj, base)}
+
+
+@pytest.mark.parametrize("package, base, cases", FAMILIES, ids=[f[1].__name__ for f in FAMILIES])
+def test_every_implementation_is_covered(package, base, cases):
+    assert implementations(package, base) == set(cases)
+
+
+def image_for(tok) -> torch.Tensor:
+    h, w = tok.quantize.vae_schedule[-1]
+    return torch.rand(2, 3, h * tok.downsample, w * tok.downsample) * 2 - 1
+
+
+@pytest.mark.parametrize("cls", list(TOKENIZERS), ids=lambda c: c.__name__)
+def test_quantizer_contract(cls):
+    """Tokens <-> latent <-> next-scale inputs agree along every path the frame uses: teacher forcing
+    (one pass) = step_input per scale, the sampling walk (incremental) = step_input / indices_to_fhat,
+    codes of a scale have the scale's size, tokens have the schedule's sizes."""
+    torch.manual_seed(0)
+    tok = TOKENIZERS[cls]().eval()
+    q = tok.quantize
+    with torch.no_grad():
+        f = tok.encode(image_for(tok))
+        tokens = q.f_to_indices(f)
+        assert [t.shape[:2] for t in tokens] == [(2, h * w) for h, w in q.schedule]
+        tf = q.teacher(f)
+        assert all(torch.equal(a, b) for a, b in zip(tf.tokens, tokens))
+        assert torch.allclose(tf.inputs, q.indices_to_teacher_input(tokens), atol=1e-5)
+        assert tf.inputs.shape == (2, sum(h * w for h, w in q.schedule[1:]), q.token_dim)
+        walk = q.start_walk()
+        for k, t in enumerate(tokens):
+            walk.add(t)
+            assert torch.allclose(walk.f_hat(), q.indices_to_fhat(tokens, upto=k + 1), atol=1e-5)
+            if k + 1 < len(tokens):
+                assert torch.allclose(walk.next_input(), q.step_input(tokens[: k + 1]), atol=1e-5)
+        for si, t in enumerate(tokens):
+            assert q.codes(t, si).shape[-2:] == q.vae_schedule[si]
+        assert tok.decode(q.indices_to_fhat(tokens)).shape[-2:] == image_for(tok).shape[-2:]
+    layout = Layout.of(q)
+    assert layout.schedule == tuple(q.schedule) and layout.latent_dim == q.token_dim and layout.vae_dim == q.dim
+
+
+@pytest.mark.parametrize("cls", list(POSENC), ids=lambda c: c.__name__)
+def test_positional_encoding_contract(cls):
+    """bind(layout) then additive (image positions, width) and / or rotary (sequence positions, head_dim / 2)."""
+    layout = Layout(32, 2, 4, ((1, 1), (2, 2), (4, 4)), prefix_grids=(2,))
+    pe = POSENC[cls]()
+    pe.bind(layout)
+    add, rot = pe.additive(0, layout.image_len), pe.rotary(0, layout.total_len)
+    assert add is not None or rot is not None
+    assert add is None or add.shape == (layout.image_len, layout.width)
+    assert rot is None or (rot.shape == (layout.total_len, layout.head_dim // 2) and rot.is_complex())
+    assert add is None or torch.equal(pe.additive(5, 9), add[5:9])
+
+
+@pytest.mark.parametrize("cls", list(HEADS), ids=lambda c: c.__name__)
+def test_head_contract(cls):
+    """bind(layout); logits score tokens: log_prob of the argmax tokens is the best, the loss is
+    finite and -log_prob (up to the head's normalisation), sampling with top_k 1 is greedy."""
+    torch.manual_seed(0)
+    head = HEADS[cls]()
+    head.bind(Layout(16, 2, 4, ((1, 1), (2, 2))))
+    logits = head(torch.randn(2, 5, 16), torch.randn(2, 16))
+    greedy = head.sample(logits, 1, 0.0, 1.0, None)
+    drawn = head.sample(logits, 0, 0.9, 1.0, torch.Generator().manual_seed(0))
+    assert greedy.shape == drawn.shape == logits.shape[:-1 if cls is heads.IndexHead else -1][: greedy.dim()]
+    assert (head.log_prob(logits, greedy) >= head.log_prob(logits, drawn) - 1e-6).all()
+    assert torch.isfinite(head.token_loss(logits, drawn)).all() and head.accuracy(logits, greedy).eq(1).all()
+
+
+@pytest.mark.parametrize("cls", list(DEGRADATIONS), ids=lambda c: c.__name__)
+def test_degradation_contract(cls):
+    """forward(hr, generator, seeds): LR at 1/scale, lr_up at the HR size, 8-bit values in [0, 1];
+    a sample degrades the same whatever batch it is in (per-sample seeds)."""
+    d = DEGRADATIONS[cls]()
+    hr = torch.rand(3, 3, 32, 32)
+    out = d(hr, seeds=[1, 2, 3])
+    assert out.lr.shape == (3, 3, 32 // d.scale, 32 // d.scale) and out.lr_up.shape == hr.shape and out.degraded.shape == (3,)
+    assert out.lr.min() >= 0 and out.lr.max() <= 1 and torch.equal((out.lr * 255).round() / 255, out.lr)
+    alone = d(hr[1:2], seeds=[2])
+    assert torch.allclose(alone.lr[0], out.lr[1], atol=1e-6)
