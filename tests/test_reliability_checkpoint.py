@@ -177,3 +177,42 @@ def test_pickled_code_is_refused_everywhere(tmp_path, evil, monkeypatch, capsys)
     r = run(str(ROOT / "tools" / "convert.py"), "--src", str(ckpt), "--preset", "var_vqvae", "--out", str(tmp_path / "w"), cwd=tmp_path)
     assert r.returncode == 2 and "could not be read as a weights-only torch checkpoint" in r.stderr, r.stderr[-2000:]
     assert not marker.exists()  # nothing ran
+
+
+def test_a_task_built_in_python_checkpoints_weights_only_and_resumes(tmp_path):
+    """Built without the CLI, a task's hyper-parameters keep its plain settings (the Training /
+    Inference groups as dicts) and leave the component objects to the state dict: the checkpoint
+    loads weights-only and a second fit resumes from it."""
+    import lightning as L
+
+    from arsr.checkpoint import AtomicCheckpointIO
+    from arsr.components.conditioning import QualityCFG
+    from arsr.components.heads import IndexHead
+    from arsr.components.posenc import SARoPE
+    from arsr.components.quantizers import MultiScaleVQ
+    from arsr.nn.transformer import NextScaleTransformer
+    from arsr.nn.vae import VQVAE
+    from arsr.tasks.ar import ARFinetune, Inference, Training
+
+    def task():
+        torch.manual_seed(0)
+        tok = VQVAE(MultiScaleVQ(32, 4, (1, 2, 4)), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+        tr = NextScaleTransformer(SARoPE(), IndexHead(), None, depth=1, width=32, heads=2, num_classes=2, null_class=1)
+        return ARFinetune(tr, tok, QualityCFG(cfg=2.0), training=Training(scale_weighting="sqrt_area"),
+                          inference=Inference(top_k=2, val_samples=0))
+
+    hr = torch.rand(4, 3, 16, 16)
+    lr = torch.nn.functional.interpolate(hr, scale_factor=0.25, mode="area")
+    batches = [{"hr": hr[i : i + 2], "lr": lr[i : i + 2], "lr_up": torch.nn.functional.interpolate(lr[i : i + 2], size=16),
+                "quality": torch.ones(2, dtype=torch.long)} for i in (0, 2)]
+    loader = lambda: torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer = lambda steps: L.Trainer(max_steps=steps, logger=False, default_root_dir=tmp_path, plugins=[AtomicCheckpointIO()],
+                                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer(1).fit(task(), loader())
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["hyper_parameters"]["inference"]["top_k"] == 2 and saved["hyper_parameters"]["training"]["scale_weighting"] == "sqrt_area"
+    assert "transformer" not in saved["hyper_parameters"]
+    t = trainer(2)
+    t.fit(task(), loader(), ckpt_path=ckpt)
+    assert t.global_step == 2

@@ -110,7 +110,7 @@ class TransformAlign(_TokenizerTask):
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
                  init_from: str | None = None, image_log_every: int = 500):
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.record_settings()
         self.scale_predictor, self.target = bind_predictor(scale_predictor, self.tokenizer), target
 
     def targets(self, hr: Tensor) -> list[Tensor]:
@@ -220,7 +220,7 @@ class ARFinetune(SuperResolution, _TokenizerTask):
     ):
         training, inference = _config(training, Training), _config(inference, Inference)
         super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.record_settings()
         transformer.bind(tokenizer.quantize)
         self.transformer, self.labels, self.regularizer, self.refiner = transformer, labels, regularizer, refiner
         self.scale_predictor = None if scale_predictor is None else bind_predictor(scale_predictor, self.tokenizer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Iterable
 
 import lightning as L
@@ -49,6 +51,21 @@ class ARSRTask(L.LightningModule):
         super().__init__()
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.init_from, self.image_log_every = init_from, image_log_every
+
+    def record_settings(self) -> None:
+        """Save the constructor's arguments as hyper-parameters (called from a task's ``__init__``).
+        Built by the CLI they are its plain config (class_path / init_args), which a weights-only
+        checkpoint holds and ``--ckpt_path`` restores. Built in Python, arguments that are objects
+        (modules, callables) are left out: their weights are in the state dict, and a pickled object
+        could neither load weights-only nor be copied cheaply; dataclass settings are kept as dicts."""
+        frame = inspect.currentframe().f_back
+        ignore = ["optimizer", "lr_scheduler"]
+        if _given_hparams() is None:
+            ignore += [k for k, v in frame.f_locals.items() if not (_plain(v) or _settings(v))]
+        self.save_hyperparameters(ignore=ignore, frame=frame)
+        for k, v in list(self.hparams.items()):
+            if _settings(v):
+                self.hparams[k] = {f.name: getattr(v, f.name) for f in dataclasses.fields(v) if _plain(getattr(v, f.name))}
 
     # weights
     def init_module_from(self) -> torch.nn.Module:
@@ -104,3 +121,25 @@ class ARSRTask(L.LightningModule):
 
     def should_log_images(self, batch_idx: int) -> bool:
         return self.image_log_every > 0 and self.global_rank == 0 and self.global_step % self.image_log_every == 0
+
+
+def _plain(v) -> bool:
+    """A value a weights-only checkpoint and a YAML config can hold."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    return isinstance(v, dict) and all(isinstance(k, str) and _plain(x) for k, x in v.items())
+
+
+def _settings(v) -> bool:
+    return dataclasses.is_dataclass(v) and not isinstance(v, type)
+
+
+def _given_hparams():
+    """The config LightningCLI hands a module it instantiates (None when built from Python)."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without it: treat as Python-built
+        return None
+    return _given_hyperparameters.get()

@@ -60,7 +60,7 @@ class TokenizerFinetune(ARSRTask):
         image_log_every: int = 500,
     ):
         super().__init__(optimizer, lr_scheduler, init_from, image_log_every)
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.record_settings()
         self.tokenizer = tokenizer
         self.lpips = LPIPS(lpips_backbone) if lpips_weight > 0 else None
         self.l1_weight, self.l2_weight, self.lpips_weight = l1_weight, l2_weight, lpips_weight
