@@ -9,12 +9,16 @@ import inspect
 import pytest
 import torch
 
+import arsr.components.conditioning as conditioning
 import arsr.components.degradations as degradations
 import arsr.components.heads as heads
 import arsr.components.posenc as posenc
 import arsr.components.quantizers as quantizers
-from arsr.interfaces import Degradation, Head, Layout, PositionalEncoding, Quantizer
+from arsr.interfaces import (Conditioning, Degradation, Head, Labels, Layout, PositionalEncoding, Quantizer, ScalePredictor, SRBatch,
+                             TextConditioning)
 from arsr.nn.vae import HierarchicalVQVAE, VQVAE
+
+from conftest import SAMPLE
 
 VAE = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
 
@@ -30,8 +34,18 @@ POSENC = {posenc.AbsolutePerScale: lambda: posenc.AbsolutePerScale(), posenc.Lea
 HEADS = {heads.IndexHead: lambda: heads.IndexHead(32), heads.BitwiseHead: lambda: heads.BitwiseHead(4)}
 DEGRADATIONS = {degradations.RealESRGANDegradation: lambda: degradations.RealESRGANDegradation(),
                 degradations.BicubicDegradation: lambda: degradations.BicubicDegradation(4)}
+CONDITIONINGS = {conditioning.PrefixTokens: lambda: conditioning.PrefixTokens((8, 16, 32), grid=4),
+                 conditioning.EncoderFeatures: lambda: conditioning.EncoderFeatures(grid=4, latent_dim=4)}
+PREDICTORS = {conditioning.TransformationNet: lambda: conditioning.TransformationNet(num_scales=2, width=16, downsample=1),
+              conditioning.NSARMTransformationNet: lambda: conditioning.NSARMTransformationNet(
+                  latent_dim=4, grid=2, sides=[1, 2], dims=[16, 16], layers=[1, 1], heads=[2, 2], stem=[8, 8])}
+LABELS = {conditioning.ConstantLabel: lambda: conditioning.ConstantLabel(0), conditioning.QualityCFG: lambda: conditioning.QualityCFG(),
+          conditioning.DegradationClasses: lambda: conditioning.DegradationClasses(), conditioning.ClassLabels: lambda: conditioning.ClassLabels(3)}
+TEXT = {conditioning.ByteCaptionEncoder: lambda: conditioning.ByteCaptionEncoder(dim=16, depth=1, heads=2),
+        conditioning.T5TextEncoder: lambda: conditioning.T5TextEncoder(str(SAMPLE / "tiny_t5"))}
 FAMILIES = [(quantizers, Quantizer, TOKENIZERS), (posenc, PositionalEncoding, POSENC), (heads, Head, HEADS),
-            (degradations, Degradation, DEGRADATIONS)]
+            (degradations, Degradation, DEGRADATIONS), (conditioning, Conditioning, CONDITIONINGS),
+            (conditioning, ScalePredictor, PREDICTORS), (conditioning, Labels, LABELS), (conditioning, TextConditioning, TEXT)]
 
 
 def implementations(package, base) -> set[type]:
@@ -116,3 +130,58 @@ def test_degradation_contract(cls):
     assert out.lr.min() >= 0 and out.lr.max() <= 1 and torch.equal((out.lr * 255).round() / 255, out.lr)
     alone = d(hr[1:2], seeds=[2])
     assert torch.allclose(alone.lr[0], out.lr[1], atol=1e-6)
+
+
+def bsq_tokenizer():
+    return VQVAE(quantizers.MultiScaleBSQ(4, (1, 2, 4)), **VAE, using_sa=False, using_mid_sa=False, quant_conv_ks=0).eval()
+
+
+@pytest.mark.parametrize("cls", list(CONDITIONINGS), ids=lambda c: c.__name__)
+def test_conditioning_contract(cls):
+    """attach_tokenizer, bind(layout) -> forward(lr_up) gives the prefix the layout counts: (B, prefix_len, width)."""
+    cond = CONDITIONINGS[cls]()
+    cond.attach_tokenizer(bsq_tokenizer())
+    layout = Layout(32, 2, 4, ((1, 1), (2, 2), (4, 4)), prefix_grids=tuple(cond.prefix_grids))
+    cond.bind(layout)
+    out = cond(torch.rand(2, 3, 16, 16) * 2 - 1)
+    assert out.shape == (2, layout.prefix_len, layout.width) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("cls", list(PREDICTORS), ids=lambda c: c.__name__)
+def test_scale_predictor_contract(cls):
+    """bind(Layout.of(quantizer)) + attach_tokenizer -> one continuous residual per predicted scale at
+    the latent's sizes, with gradients."""
+    tok = bsq_tokenizer()
+    net = PREDICTORS[cls]()
+    net.bind(Layout.of(tok.quantize))
+    net.attach_tokenizer(tok)
+    out = net(torch.rand(2, 3, 8, 8) * 2 - 1)
+    assert [tuple(r.shape) for r in out] == [(2, 4, h, w) for h, w in tok.quantize.vae_schedule[: net.num_scales]]
+    sum(r.sum() for r in out).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("cls", list(LABELS), ids=lambda c: c.__name__)
+def test_labels_contract(cls):
+    """__call__(SRBatch) -> (B,) long labels; inference(B) -> (B,) long; cfg and neg_label are set."""
+    labels = LABELS[cls]()
+    batch = SRBatch(hr=torch.rand(3, 3, 8, 8), quality=torch.tensor([1, 0, -1]), degraded=torch.tensor([True, False, True]),
+                    label=torch.tensor([0, 2, -1]))
+    out, inf = labels(batch), labels.inference(3, "cpu")
+    assert out.shape == inf.shape == (3,) and out.dtype == inf.dtype == torch.long
+    assert isinstance(labels.cfg, float) and (labels.neg_label is None or isinstance(labels.neg_label, int))
+
+
+@pytest.mark.parametrize("cls", list(TEXT), ids=lambda c: c.__name__)
+def test_text_conditioning_contract(cls):
+    """forward(captions) -> features (B, T, dim), key mask (B, T) marking real tokens, pooled (B, dim);
+    a caption's features do not depend on the other captions of the batch; a fixed prompt replaces them."""
+    enc = TEXT[cls]().eval()
+    with torch.no_grad():
+        feats, mask, pooled = enc(["a cat", "a photo of a tree in the snow"])
+        alone = enc(["a cat"])
+    assert feats.shape[:2] == mask.shape and feats.shape[-1] == pooled.shape[-1] == enc.dim and mask.dtype == torch.bool
+    n = int(alone[1][0].sum())
+    assert torch.allclose(feats[0, :n], alone[0][0, :n], atol=1e-5) and mask[0].sum() == n
+    enc.prompt = "fixed"
+    assert enc.captions(["x", "y"], 2) == ["fixed", "fixed"]
