@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -91,10 +91,9 @@ class SRBatch:
         return value
 
     def head(self, n: int) -> SRBatch:
-        """The first n samples."""
-        cut = lambda v: v[:n] if v is not None else None
-        return SRBatch(cut(self.hr), cut(self.lr), cut(self.lr_up), cut(self.caption), cut(self.quality), cut(self.degraded),
-                       cut(self.label), cut(self.key), self.stats)
+        """The first n samples (the batch's stats stay whole)."""
+        cut = {f.name: getattr(self, f.name)[:n] for f in fields(self) if f.name != "stats" and getattr(self, f.name) is not None}
+        return replace(self, **cut)
 
 
 @dataclass
@@ -255,8 +254,13 @@ class Quantizer(nn.Module, ABC):
         raise ValueError(f"{type(self).__name__} cannot quantise substituted residuals (NSARM); use MultiScaleBSQ")
 
     def indices_to_teacher_input(self, indices: list[Tensor]) -> Tensor:
-        """Teacher-forcing inputs of scales 2..K: (B, L - first, C), from the tokens of scales 1..K-1."""
-        return torch.cat([self.step_input(indices[:k]) for k in range(1, len(self.schedule))], dim=1)
+        """Teacher-forcing inputs of scales 2..K: (B, L - first, C), from the tokens of scales 1..K-1
+        (one pass of the sampling walk: incremental where the quantizer's walk is)."""
+        walk, inputs = self.start_walk(), []
+        for tokens in indices[: len(self.schedule) - 1]:
+            walk.add(tokens)
+            inputs.append(walk.next_input())
+        return torch.cat(inputs, dim=1)
 
     def teacher(self, f: Tensor, substituted: list[Tensor] = (), corrupt: bool = False) -> TeacherForcing:
         """Labels and teacher-forcing inputs of the latent f. ``substituted``: residuals of the first

@@ -30,6 +30,15 @@ TINY_MUSIQ = dict(hidden_size=32, mlp_dim=64, num_heads=2, num_layers=1, num_sca
 
 
 @pytest.fixture(scope="module")
+def tool():
+    """tools/eval_report.py, loaded as a module."""
+    spec = importlib.util.spec_from_file_location("eval_report", ROOT / "tools" / "eval_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
 def musiq_file(tmp_path_factory):
     """MUSIQ weights as a local file (random init: this checks the plumbing, not the numbers)."""
     pyiqa = pytest.importorskip("pyiqa")
@@ -79,11 +88,8 @@ def test_no_reference_folder_report(tmp_path):
         evaluate_folders(str(sr), metrics=LearnedMetrics())
 
 
-def test_cli_with_a_local_pyiqa_metric(tmp_path, musiq_file, capsys):
+def test_cli_with_a_local_pyiqa_metric(tmp_path, musiq_file, capsys, tool):
     """tools/eval_report.py on an SR-only folder with MUSIQ built from a local file (no download)."""
-    spec = importlib.util.spec_from_file_location("eval_report", ROOT / "tools" / "eval_report.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     sr = tmp_path / "sr"
     sr.mkdir()
     for k in range(3):
@@ -109,11 +115,8 @@ def _noisy_folder(path, hr_dir, amounts, seed):
 
 
 @pytest.mark.parametrize("with_hr", [True, False])
-def test_two_method_comparison(tmp_path, with_hr, monkeypatch):
+def test_two_method_comparison(tmp_path, with_hr, monkeypatch, tool):
     """tools/eval_report.py --sr a=... --sr b=... with and without HR: tables against the global mean, figures."""
-    spec = importlib.util.spec_from_file_location("eval_report", ROOT / "tools" / "eval_report.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     hr = tmp_path / "hr"
     hr.mkdir()
     for k in range(4):

@@ -71,18 +71,24 @@ def _chunks(levels: tuple[int, ...], device: str, dtype: torch.dtype) -> ScaleCh
     return ScaleChunks(tuple(chunks), head_mask)
 
 
+@lru_cache(maxsize=16)
+def _flex_mask(levels: tuple[int, ...], device: str):
+    lv = torch.tensor(levels, device=device)
+
+    def visible(b, h, q, k):
+        return lv[q] >= lv[k]
+
+    return create_block_mask(visible, None, None, len(levels), len(levels), device=device)
+
+
 def block_causal_mask(levels: Sequence[int], impl: AttentionImpl, dtype: torch.dtype, device: torch.device | str = "cpu"):
-    """levels: the scale index of each position (a host-side list, so building the plan never reads
-    the device) -> what :func:`attend` takes: a FlexAttention BlockMask, or :class:`ScaleChunks`."""
+    """levels: the scale index of each position (host-side, best a tuple: the plan is built once per
+    sequence and device, never reading the device) -> what :func:`attend` takes: a FlexAttention
+    BlockMask, or :class:`ScaleChunks`."""
     device = torch.device(device)
-    levels = tuple(int(v) for v in levels)
+    levels = levels if isinstance(levels, tuple) else tuple(int(v) for v in levels)
     if use_flex(impl, device):
-        lv = torch.tensor(levels, device=device)
-
-        def visible(b, h, q, k):
-            return lv[q] >= lv[k]
-
-        return create_block_mask(visible, None, None, len(levels), len(levels), device=device)
+        return _flex_mask(levels, str(device))
     return _chunks(levels, str(device), dtype)
 
 
@@ -91,7 +97,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
     if isinstance(mask, ScaleChunks):
         outs = []
         for i, (qs, qe, ke) in enumerate(mask.chunks):
-            m = mask.head_mask if i == 0 and qs == 0 else None
+            m = mask.head_mask if i == 0 else None  # only the first chunk can hold several scales
             outs.append(F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, :ke], v[:, :, :ke], attn_mask=m, scale=scale))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if BlockMask is not None and isinstance(mask, BlockMask):

@@ -196,7 +196,7 @@ class InfinityTransformer(nn.Module):
         self.bounds = [sum(h * w for h, w in schedule[:k]) for k in range(len(schedule) + 1)]
         levels = torch.cat([torch.full((h * w,), i, device="cpu") for i, (h, w) in enumerate(schedule)])
         self.register_buffer("lvl_1L", levels, persistent=False)
-        self.levels = levels.tolist()  # host copy: the attention plan is built without reading the device
+        self.levels = tuple(levels.tolist())  # host copy: the attention plan is built without reading the device
         self.rope = infinity_rope(self.schedule, self.width // self.heads, self.rope_theta)  # derived, never saved
 
     def bind(self, quantizer) -> None:

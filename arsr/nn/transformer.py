@@ -216,8 +216,9 @@ class NextScaleTransformer(nn.Module):
         self.pos_start = nn.Parameter(torch.empty(1, L.first_len, self.width))
         self.word_embed = nn.Linear(L.latent_dim, self.width)
         self.lvl_embed = nn.Embedding(len(L.schedule), self.width)
-        self.register_buffer("lvl_1L", L.levels()[None], persistent=False)
-        self.levels = L.levels().tolist()  # host copy: the attention plan is built without reading the device
+        levels = L.levels()
+        self.register_buffer("lvl_1L", levels[None], persistent=False)
+        self.levels = tuple(levels.tolist())  # host copy: the attention plan is built without reading the device
         for component in (self.pos_enc, self.conditioning):
             if component is not None:
                 component.bind(L)

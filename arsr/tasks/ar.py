@@ -228,8 +228,11 @@ class ARFinetune(SuperResolution, _TokenizerTask):
         if getattr(transformer, "conditioning", None) is not None:
             transformer.conditioning.attach_tokenizer(self.tokenizer)
         self.training_config, self.inference = training, inference
-        self.init_strict = training.init_strict
         self.register_buffer("token_weights", self.weights_by_scale(tokenizer.quantize.schedule), persistent=False)
+
+    @property
+    def init_strict(self) -> bool:
+        return self.training_config.init_strict
 
     def setup(self, stage: str) -> None:
         """Training checks that inference resizes the LR as the degradation does for ``lr_up``."""
@@ -299,7 +302,7 @@ class ARFinetune(SuperResolution, _TokenizerTask):
         return self.refiner.loss(h[:, -n_last:], self.code_embed(idx_hat, K - 1), target)
 
     def forward_batch(self, batch: SRBatch):
-        """Teacher-forced pass -> (tokens, logits, hidden, latent f, labels, captions)."""
+        """Teacher-forced pass -> (tokens per scale, logits, hidden states, latent f, labels)."""
         tokens, inputs, f = self.targets(batch)
         labels = self.batch_labels(batch)
         logits, h = self.transformer(labels, inputs, batch.lr_up * 2 - 1, return_hidden=True, captions=batch.caption)
