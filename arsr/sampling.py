@@ -44,11 +44,36 @@ class Sampled:
     f_hat: Tensor
 
 
+class KVCache:
+    """Keys and values of one attention layer over a sampling run, written into buffers sized for
+    the whole sequence: each scale writes its own positions once (no re-concatenation of the
+    earlier ones) and attends to a view of everything so far."""
+
+    def __init__(self, length: int):
+        self.length, self.filled = length, 0
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v (B, H, n, d) of the next n positions -> keys and values of every position so far (B, H, N, d)."""
+        end = self.filled + k.shape[2]
+        if end > self.length:
+            raise ValueError(f"KV cache of {self.length} positions cannot take {end}: the sequence is longer than the layout's")
+        if self.k is None:
+            b, h, _, d = k.shape
+            self.k, self.v = k.new_empty(b, h, self.length, d), v.new_empty(b, h, self.length, d)
+        self.k[:, :, self.filled : end] = k
+        self.v[:, :, self.filled : end] = v
+        self.filled = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 @contextmanager
-def caching(attentions: list):
-    """KV cache on for these self-attention modules (``cache = {}``) for the duration, then off."""
+def caching(attentions: list, length: int):
+    """A :class:`KVCache` of ``length`` positions on each of these self-attention modules for the
+    duration, then none."""
     for a in attentions:
-        a.cache = {}
+        a.cache = KVCache(length)
     try:
         yield
     finally:

@@ -213,3 +213,24 @@ def test_shared_adaln_runs_and_caches():
     a = m.generate(q, torch.tensor([0, 1]), cfg=1.0, top_k=3, generator=g())
     b = m.generate(q, torch.tensor([0, 1]), cfg=1.0, top_k=3, generator=g(), use_cache=False)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_kv_cache_writes_each_position_once_and_refuses_overflow():
+    from arsr.sampling import KVCache
+
+    cache, ks, vs = KVCache(6), [torch.randn(2, 3, n, 4) for n in (1, 2, 3)], [torch.randn(2, 3, n, 4) for n in (1, 2, 3)]
+    for i in range(3):
+        k, v = cache.extend(ks[i], vs[i])
+        assert torch.equal(k, torch.cat(ks[: i + 1], 2)) and torch.equal(v, torch.cat(vs[: i + 1], 2))
+    with pytest.raises(ValueError, match="cannot take 7"):
+        cache.extend(ks[0], vs[0])
+
+
+def test_sampling_computes_each_blocks_modulation_once():
+    """The condition is the same at every scale: AdaLN projections run once per sampling run, not per scale."""
+    m, q = tiny(), MultiScaleVQ(16, 4, PN)
+    calls = []
+    for b in m.blocks:
+        b.ada_lin.register_forward_hook(lambda *a: calls.append(1))
+    m.generate(q, torch.tensor([0, 1]), cfg=1.5, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == len(m.blocks)

@@ -323,4 +323,4 @@ class InfinityTransformer(nn.Module):
         return self.run_blocks(x_all, state, 0, block_causal_mask(self.levels[:L], "sdpa", x.dtype, x.device))[:, -x.shape[1]:]
 
     def kv_cache(self):
-        return caching([block.sa for block in self.blocks])
+        return caching([block.sa for block in self.blocks], len(self.levels))

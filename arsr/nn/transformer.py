@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from arsr.interfaces import Conditioning, Head, Layout, PositionalEncoding, Quantizer, TextConditioning
 from arsr.nn.attention import AttentionImpl, attend, block_causal_mask
-from arsr.sampling import StepState, caching, cfg_pair, sample_scales
+from arsr.sampling import KVCache, StepState, caching, cfg_pair, sample_scales
 
 
 def apply_rotary(x: Tensor, freqs: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ class SelfAttention(nn.Module):
         if l2_norm:
             self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
         self.proj = nn.Linear(width, width)
-        self.cache: dict[str, Tensor] | None = None  # {} while sampling with a KV cache
+        self.cache: KVCache | None = None  # set while sampling with a KV cache
 
     def forward(self, x: Tensor, mask: Tensor | None, rope: Tensor | None) -> Tensor:
         bias = torch.cat([self.q_bias, self.zero_k_bias, self.v_bias])
@@ -66,9 +66,7 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if self.cache is not None:  # sampling: attend to every earlier scale through the cache
-            if "k" in self.cache:
-                k, v = torch.cat([self.cache["k"], k], 2), torch.cat([self.cache["v"], v], 2)
-            self.cache["k"], self.cache["v"] = k, v
+            k, v = self.cache.extend(k, v)
         out = attend(q, k, v, mask, scale)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
@@ -119,11 +117,14 @@ class AdaLNBlock(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, cond: Tensor, mask: Tensor | None, rope: Tensor | None,
+    def modulation(self, cond: Tensor) -> Tensor:
+        """The six AdaLN values of a condition (B, 1, 6, C), in VAR's order: gamma1, gamma2, scale1,
+        scale2, shift1, shift2. With shared AdaLN ``cond`` is already the shared modulation (B, 1, 6, C)."""
+        return cond + self.ada_gss if hasattr(self, "ada_gss") else rearrange(self.ada_lin(cond), "b (six c) -> b 1 six c", six=6)
+
+    def forward(self, x: Tensor, ada: Tensor, mask: Tensor | None, rope: Tensor | None,
                 text: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        # six modulation values in VAR's order: gamma1, gamma2, scale1, scale2, shift1, shift2;
-        # with shared AdaLN ``cond`` already holds the shared modulation (B, 1, 6, C)
-        ada = cond + self.ada_gss if hasattr(self, "ada_gss") else rearrange(self.ada_lin(cond), "b (six c) -> b 1 six c", six=6)
+        """x (B, N, C); ada: this block's :meth:`modulation` (B, 1, 6, C)."""
         g1, g2, s1, s2, b1, b2 = rearrange(ada, "b 1 six c -> six b 1 c")
         x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, mask, rope) * g1)
         if text is not None:
@@ -303,12 +304,18 @@ class NextScaleTransformer(nn.Module):
             x = torch.cat([x[:, : max(p0 - start, 0)], x[:, max(p0 - start, 0) :] + add], dim=1)
         return x
 
-    def run_blocks(self, x: Tensor, cond: Tensor, start: int, mask: Tensor | None, text=None) -> Tensor:
+    def modulations(self, cond: Tensor) -> list[Tensor]:
+        """Every block's AdaLN modulation of the condition (B, D): once per forward, and once per
+        sampling run, since the condition is the same at every scale."""
+        if hasattr(self, "shared_ada_lin"):
+            cond = rearrange(self.shared_ada_lin(cond), "b (six c) -> b 1 six c", six=6)
+        return [block.modulation(cond) for block in self.blocks]
+
+    def run_blocks(self, x: Tensor, ada: list[Tensor], start: int, mask, text=None) -> Tensor:
         rope = self.pos_enc.rotary(start, start + x.shape[1])
-        block_cond = rearrange(self.shared_ada_lin(cond), "b (six c) -> b 1 six c", six=6) if hasattr(self, "shared_ada_lin") else cond
         x = residual_stream(x, self.residual_bf16)
-        for block in self.blocks:
-            x = block(x, block_cond, mask, rope, text)
+        for block, a in zip(self.blocks, ada):
+            x = block(x, a, mask, rope, text)
         return x
 
     # -- teacher-forced forward -------------------------------------------------------------
@@ -322,7 +329,7 @@ class NextScaleTransformer(nn.Module):
         x = torch.cat([self.first_block(cond, prefix), self.word_embed(inputs.to(self.word_embed.weight.dtype))], dim=1)
         x = self._add_position(x, 0)
         mask = block_causal_mask(self.levels, self.attention, x.dtype, x.device)
-        h = self.run_blocks(x, cond, 0, mask, text)[:, self.layout.prefix_len :]
+        h = self.run_blocks(x, self.modulations(cond), 0, mask, text)[:, self.layout.prefix_len :]
         logits = self.head(h, cond)
         return (logits, h) if return_hidden else logits
 
@@ -340,7 +347,7 @@ class NextScaleTransformer(nn.Module):
             captions = self.text.captions(captions, B) + ([""] * B if guided else [])
         cond, text = self.condition(label, captions)
         prefix = self.conditioning(prefix_input) if self.conditioning is not None else None
-        return StepState(cond=cond, extra={"text": text, "first": self.first_block(cond, prefix), "seq": []})
+        return StepState(cond=cond, extra={"text": text, "first": self.first_block(cond, prefix), "seq": [], "ada": self.modulations(cond)})
 
     def start_tokens(self, state: StepState) -> Tensor:
         return state.extra["first"]
@@ -360,15 +367,15 @@ class NextScaleTransformer(nn.Module):
         h, w = self.layout.schedule[si]
         n = h * w
         if self.blocks[0].attn.cache is not None:
-            return self.run_blocks(x, state.cond, pos, None, state.extra["text"])[:, -n:]
+            return self.run_blocks(x, state.extra["ada"], pos, None, state.extra["text"])[:, -n:]
         state.extra["seq"].append(x)
         x_all = torch.cat(state.extra["seq"], dim=1)
         L = x_all.shape[1]
-        return self.run_blocks(x_all, state.cond, 0, block_causal_mask(self.levels[:L], "sdpa", x.dtype, x.device),
+        return self.run_blocks(x_all, state.extra["ada"], 0, block_causal_mask(self.levels[:L], "sdpa", x.dtype, x.device),
                                state.extra["text"])[:, -n:]
 
     def kv_cache(self):
-        return caching([block.attn for block in self.blocks])
+        return caching([block.attn for block in self.blocks], len(self.levels))
 
     @torch.no_grad()
     def generate(
