@@ -105,7 +105,7 @@ def check_checkpoint(path: str | Path) -> None:
         raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'damaged'})") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ValueError(f"{path} holds no Lightning training state; official .pth files go through tools/convert.py "
-                         "and --model.init_args.init_from")
+                         "and init_from (--model.init_args.training.init_from for ARFinetune)")
 
 
 def newest_loadable(folders: list[Path]) -> tuple[Path | None, list[str]]:
@@ -169,22 +169,22 @@ def file_sha256(path: str | Path) -> str:
 
 def export_metadata(module: L.LightningModule) -> dict[str, str]:
     """Metadata of a weights export: the model's config (``arsr_model``, a YAML ``model:`` block that
-    ``--config`` accepts) when the CLI built it, and the sha256 of its ``tokenizer_from`` file."""
+    ``--config`` accepts) when the CLI built it, and the sha256 of its tokenizer's ``weights`` file."""
     hparams = dict(getattr(module, "hparams", {}))
     meta = {}
     if "_class_path" in hparams:
         init_args = {k: v for k, v in hparams.items() if not k.startswith("_")}
         meta["arsr_model"] = yaml.safe_dump({"model": {"class_path": hparams["_class_path"], "init_args": init_args}}, sort_keys=False)
-    tok = hparams.get("tokenizer_from")
+    tok = getattr(getattr(module, "tokenizer", None), "weights", None)
     if isinstance(tok, str) and Path(tok).is_file():
-        meta |= {"tokenizer_from": tok, "tokenizer_sha256": file_sha256(tok)}
+        meta |= {"tokenizer_weights": tok, "tokenizer_sha256": file_sha256(tok)}
     return meta
 
 
-def check_tokenizer_hash(init_from: str | list[str] | None, tokenizer_from: str | None) -> list[str]:
-    """Warnings for ``init_from`` exports trained on another tokenizer file than ``tokenizer_from``
+def check_tokenizer_hash(init_from: str | list[str] | None, tokenizer_weights: str | None) -> list[str]:
+    """Warnings for ``init_from`` exports trained on another tokenizer file than ``tokenizer_weights``
     (their token indices would mean other codes)."""
-    if not init_from or not tokenizer_from or not Path(tokenizer_from).is_file():
+    if not init_from or not tokenizer_weights or not Path(tokenizer_weights).is_file():
         return []
     warnings = []
     for path in [init_from] if isinstance(init_from, str) else init_from:
@@ -195,9 +195,9 @@ def check_tokenizer_hash(init_from: str | list[str] | None, tokenizer_from: str 
                 saved = (f.metadata() or {}).get("tokenizer_sha256")
         except SafetensorError:
             continue
-        if saved and saved != (now := file_sha256(tokenizer_from)):
-            warnings.append(f"{path} was trained with a tokenizer file of sha256 {saved[:12]}..., but tokenizer_from "
-                            f"{tokenizer_from} has sha256 {now[:12]}...: its token indices may mean other codes; give "
+        if saved and saved != (now := file_sha256(tokenizer_weights)):
+            warnings.append(f"{path} was trained with a tokenizer file of sha256 {saved[:12]}..., but the tokenizer's weights "
+                            f"{tokenizer_weights} have sha256 {now[:12]}...: its token indices may mean other codes; give "
                             "the tokenizer it was trained with, or fine-tune knowingly")
     return warnings
 

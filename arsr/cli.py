@@ -8,14 +8,16 @@ Model and data are chosen by ``class_path`` (subclass mode), so any LightningMod
 LightningDataModule (arsr's or a user's) can be named in a recipe. Every fit writes its config,
 logs, checkpoints and exported weights into ``<logger save_dir>/<name>/version_N/`` and points
 ``<name>/latest`` at it. Exact resume is ``--ckpt_path last`` (the latest run's newest good
-checkpoint, continued in that run's folder) or a path; starting from weights is
-``--model.init_args.init_from``. Command-line ``--model...`` flags apply on top of the
+checkpoint, continued in that run's folder) or a path; starting from weights is ``init_from``
+(``--model.init_args.training.init_from`` for ARFinetune, ``--model.init_args.init_from`` for the
+other tasks) and a tokenizer's weights are ``--model.init_args.tokenizer.init_args.weights``. Command-line ``--model...`` flags apply on top of the
 hyper-parameters a ``--ckpt_path`` checkpoint restores.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -110,7 +112,9 @@ class ARSRCLI(LightningCLI):
                                  "at it (default: the recipe's logger name).")
 
     def parse_arguments(self, parser, args) -> None:
-        self._argv = list(args) if isinstance(args, (list, tuple)) else sys.argv[1:] if args is None else []
+        if args is None or isinstance(args, (list, tuple)):
+            args = nested_nulls(list(sys.argv[1:] if args is None else args))
+        self._argv = list(args) if isinstance(args, list) else []
         super().parse_arguments(parser, args)
 
     def after_predict(self) -> None:
@@ -137,7 +141,8 @@ class ARSRCLI(LightningCLI):
         try:
             check_checkpoint(p)
         except ValueError as e:
-            raise ValueError(f"--ckpt_path {e}; to start from .safetensors weights use --model.init_args.init_from") from None
+            raise ValueError(f"--ckpt_path {e}; to start from .safetensors weights use init_from "
+                             "(--model.init_args.training.init_from for ARFinetune, --model.init_args.init_from otherwise)") from None
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces the model's settings with the checkpoint's saved hyper-parameters; the
@@ -171,7 +176,9 @@ class ARSRCLI(LightningCLI):
                 log.version = self._pinned_version = resume_version(cfg.get("ckpt_path"), Path(log.save_dir) / str(log.name))
         model = (cfg.get("model") or Namespace()).get("init_args") or Namespace()
         if rank_zero_only.rank == 0:
-            for warning in check_tokenizer_hash(model.get("init_from"), model.get("tokenizer_from")):
+            training = model.get("training") or Namespace()
+            tokenizer = (model.get("tokenizer") or Namespace()).get("init_args") or Namespace()
+            for warning in check_tokenizer_hash(model.get("init_from") or training.get("init_from"), tokenizer.get("weights")):
                 print(f"arsr: warning: {warning}", file=sys.stderr)
 
     def instantiate_classes(self) -> None:
@@ -230,6 +237,31 @@ def model_flags(argv: list[str]) -> list[str]:
         take = (1 if "=" in argv[i] else 2) if re.match(r"--model([.=]|$)", argv[i]) else 0
         out += argv[i:i + take]
         i += take or 1
+    return out
+
+
+def nested_nulls(argv: list[str]) -> list[str]:
+    """jsonargparse (4.x) reads ``null`` given on the command line for an optional string nested in a
+    component's settings (``--model.init_args.tokenizer.init_args.weights null``) as the string
+    'None'; the same value given as a mapping on the parent is read right, so such flags are
+    rewritten to that form: ``--model.init_args.tokenizer '{"init_args": {"weights": null}}'``."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        step = 1 if eq else 2
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        parts = key[2:].split(".") if arg.startswith("--") else []
+        named = [p for p in parts if p != "init_args"]
+        if value == "null" and len(named) >= 3 and named[0] in ("model", "data"):
+            parent, leaf = parts[:-1], {parts[-1]: None}
+            if parent[-1] == "init_args":
+                parent, leaf = parent[:-1], {"init_args": leaf}
+            out += [f"--{'.'.join(parent)}", json.dumps(leaf)]
+            i += step
+            continue
+        out.append(arg)
+        i += 1
     return out
 
 
@@ -340,6 +372,9 @@ def describe_parse_error(message: str) -> str:
             detail = line
     if detail is None:
         detail = " ".join(message.split())[:300]
+    m = re.search(r"Option '(\w+)' is not accepted", detail)
+    if m and m.group(1) in MOVED_OPTIONS:
+        detail += f"; {MOVED_OPTIONS[m.group(1)]}"
     m = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", detail)
     if m:
         import importlib
@@ -348,6 +383,14 @@ def describe_parse_error(message: str) -> str:
         names = [n for n in getattr(module, "__all__", dir(module)) if isinstance(getattr(module, n, None), type)]
         detail += f"; {m.group(1)} provides: {', '.join(names)}"
     return f"{'.init_args.'.join(keys)}: {detail}" if keys else detail
+
+
+# options that moved, and where a config written for the earlier layout finds them now
+MOVED_OPTIONS = {
+    "tokenizer_from": "a tokenizer carries its weights: tokenizer.init_args.weights",
+    "init_from": "ARFinetune takes it in its training settings: training.init_from",
+    "image_log_every": "ARFinetune takes it in its training settings: training.image_log_every",
+}
 
 
 def main(args: list[str] | None = None) -> int:

@@ -280,12 +280,13 @@ def convert(src: str | Path, preset: str, out: str | Path) -> Path:
             written |= {prefix + k: v for k, v in check_against(routed[prefix], build(component), preset, p).items()}
     out = Path(out).with_suffix(".safetensors")
     atomic_save_safetensors(written, out, {"arsr_preset": preset, "source": Path(src).name})
-    blocks = {"transformer" if p.out_prefix else "tokenizer": p.component} | {prefix.rstrip("."): c for prefix, c in p.parts}
-    weights = "init_from" if p.out_prefix else "tokenizer_from"  # a tokenizer file feeds an SR model's tokenizer
+    if p.out_prefix:  # a transformer (and its parts) for ARFinetune, which starts from the file
+        model = {"transformer": p.component} | {prefix.rstrip("."): c for prefix, c in p.parts} | {"training": {"init_from": str(out)}}
+    else:  # a tokenizer carries its weights: the same block serves ARFinetune, TransformAlign and TokenizerFinetune
+        model = {"tokenizer": {**p.component, "init_args": {**p.component.get("init_args", {}), "weights": str(out)}}}
     out.with_suffix(".yaml").write_text(
         f"# arsr config for {out.name} (converted from {Path(src).name}, preset {preset}); add it after a recipe:\n"
         f"#   arsr fit --config recipes/<recipe>.yaml --config {out.with_suffix('.yaml')}\n"
-        + ("" if p.out_prefix else "# (a tokenizer fine-tuning recipe starts from the file with --model.init_args.init_from instead)\n")
-        + yaml.safe_dump({"model": {"init_args": blocks | {weights: str(out)}}}, sort_keys=False)
+        + yaml.safe_dump({"model": {"init_args": model}}, sort_keys=False)
     )
     return out

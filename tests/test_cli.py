@@ -69,7 +69,7 @@ def test_convert_help_and_config_ready_yaml(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(["fit", "--config", QUICK_AR, "--config", str(tmp_path / "tiny.yaml"), "--print_config"]) == 0
     m = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
-    assert m["tokenizer_from"] == str(tmp_path / "tiny.safetensors") and m["tokenizer"]["init_args"]["ch"] == 32
+    assert m["tokenizer"]["init_args"]["weights"] == str(tmp_path / "tiny.safetensors") and m["tokenizer"]["init_args"]["ch"] == 32
 
 
 def test_print_config_and_override(capsys):
@@ -98,6 +98,8 @@ def test_print_config_and_override(capsys):
         (["--data.init_args.degradation.init_args.jpeg_range", "[1]"], "degradation.init_args.jpeg_range: Expected a tuple with 2"),
         (["--data.init_args.train_shards", "missing-{0..2}.tar"], "not found"),
         (["--model.init_args.init_from", "missing.safetensors"], "not found"),
+        (["--model.init_args.tokenizer_from", "t.safetensors"],
+         "model: Option 'tokenizer_from' is not accepted; a tokenizer carries its weights: tokenizer.init_args.weights"),
         (["--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt does not exist"),
         (["--ckpt_path", "README.md"], "--ckpt_path README.md is not a readable checkpoint (not a torch.save archive"),
     ],
@@ -134,7 +136,8 @@ def _fit(cli, tmp_path, *extra, config=QUICK):
         "--data.init_args.train_shards", str(SAMPLE / "train-{000000..000001}.tar"),
         "--data.init_args.val_shards", str(SAMPLE / "val-000000.tar"),
         "--data.init_args.num_workers", "0",
-        "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1", "--model.init_args.image_log_every", "1",
+        "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+        "--model.init_args.training.image_log_every" if config == QUICK_AR else "--model.init_args.image_log_every", "1",
         *extra, cwd=tmp_path,
     )
 
@@ -199,7 +202,7 @@ def test_predict_through_the_cli(tmp_path, arsr_cli):
     Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "in" / "sub" / "a.png")
     (tmp_path / "in" / "c.png").write_bytes(b"broken")
     out = tmp_path / "out"
-    args = ["predict", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"), "--model.init_args.tokenizer_from", "null",
+    args = ["predict", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"), "--model.init_args.tokenizer.init_args.weights", "null",
             "--data.init_args.inputs", f"[{tmp_path / 'in'}]", "--trainer.callbacks.init_args.out_dir", str(out)]
     r = arsr_cli(*args, cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]  # c.png failed; the others were written
@@ -226,8 +229,17 @@ def test_arsr_test_lists_mis_sized_pairs(tmp_path, arsr_cli):
     Image.fromarray(rand_rgb(64, 64)).save(tmp_path / "hr" / "ok.png")
     Image.fromarray(rand_rgb(16, 16)).save(tmp_path / "lr" / "odd.png")
     Image.fromarray(rand_rgb(60, 64)).save(tmp_path / "hr" / "odd.png")
-    r = arsr_cli("test", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"), "--model.init_args.tokenizer_from", "null",
+    r = arsr_cli("test", "--config", QUICK_AR, "--config", str(ROOT / "recipes" / "predict.yaml"), "--model.init_args.tokenizer.init_args.weights", "null",
                 "--data.init_args.inputs", f"[{tmp_path / 'lr'}]", "--data.init_args.hr_dir", str(tmp_path / "hr"), cwd=tmp_path)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "test/psnr_y" in r.stdout  # the good pair was evaluated
     assert f"arsr test: 1 pair(s) skipped, not in the scores:\n  {tmp_path / 'lr' / 'odd.png'}: mis_sized: HR odd.png is 64x60, not 4x the LR 16x16" in r.stderr
+
+
+def test_null_for_a_nested_optional_string_is_none(capsys):
+    """jsonargparse reads a nested `null` as 'None'; arsr passes it in the form jsonargparse reads right."""
+    assert main(["fit", "--config", QUICK_AR, "--model.init_args.tokenizer.init_args.weights", "null",
+                 "--model.init_args.training.init_from=null", "--print_config"]) == 0
+    m = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert m["tokenizer"]["init_args"]["weights"] is None and m["training"]["init_from"] is None
+    assert m["tokenizer"]["init_args"]["ch"] == 32  # the rest of the tokenizer's settings stay

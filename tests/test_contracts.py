@@ -185,3 +185,14 @@ def test_text_conditioning_contract(cls):
     assert torch.allclose(feats[0, :n], alone[0][0, :n], atol=1e-5) and mask[0].sum() == n
     enc.prompt = "fixed"
     assert enc.captions(["x", "y"], 2) == ["fixed", "fixed"]
+
+
+def test_arfinetune_constructor_is_components_plus_settings_groups():
+    """The task takes its six components, the optimiser pair and two settings groups, nothing else."""
+    import inspect
+
+    from arsr.tasks.ar import ARFinetune
+
+    params = list(inspect.signature(ARFinetune).parameters)
+    assert params == ["transformer", "tokenizer", "labels", "regularizer", "refiner", "scale_predictor",
+                      "optimizer", "lr_scheduler", "training", "inference"]

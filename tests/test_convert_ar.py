@@ -80,7 +80,7 @@ def test_partial_init_from_var_weights(tmp_path, capsys):
     save_file({f"transformer.{k}": v.contiguous() for k, v in var.state_dict().items()}, tmp_path / "var.safetensors")
     tok = VQVAE(MultiScaleVQ(32, 8, pn), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
     msvar = NextScaleTransformer(LearnedResampled(grid=8), IndexHead(32), EncoderFeatures(grid=4, latent_dim=8), num_classes=3, null_class=2, **kw)
-    task = ARFinetune(msvar, tok, DegradationClasses(), init_from=str(tmp_path / "var.safetensors"), training=Training(init_strict=False))
+    task = ARFinetune(msvar, tok, DegradationClasses(), training=Training(init_from=str(tmp_path / "var.safetensors"), init_strict=False))
     before = msvar.class_emb.weight.clone()
     task.setup("fit")
     assert torch.equal(msvar.blocks[0].attn.mat_qkv.weight, var.blocks[0].attn.mat_qkv.weight)
@@ -88,6 +88,6 @@ def test_partial_init_from_var_weights(tmp_path, capsys):
     assert torch.equal(msvar.class_emb.weight, before)  # (3, C) vs (11, C): kept
     out = capsys.readouterr().out
     assert "class_emb.weight" in out and "pos_enc.pos_grid" in out
-    strict = ARFinetune(msvar, tok, DegradationClasses(), init_from=str(tmp_path / "var.safetensors"))
+    strict = ARFinetune(msvar, tok, DegradationClasses(), training={"init_from": str(tmp_path / "var.safetensors")})
     with pytest.raises(ValueError, match="shape mismatch.*class_emb"):
         strict.setup("fit")

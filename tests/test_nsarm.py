@@ -46,13 +46,13 @@ def test_stage1_then_stage2_then_predict(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     save_file(tiny_tokenizer().state_dict(), tmp_path / "tokenizer.safetensors")  # one tokenizer file for every stage
-    tok = f"--model.init_args.tokenizer_from {tmp_path / 'tokenizer.safetensors'}"
+    tok = f"--model.init_args.tokenizer.init_args.weights {tmp_path / 'tokenizer.safetensors'}"
     stage1 = f"fit --config {ROOT}/recipes/nsarm_stage1.yaml {CPU} {DATA} --trainer.max_steps 2 {tok} {TOKENIZER} {NET}"
     assert main(shlex.split(stage1)) == 0
     s1 = tmp_path / "runs/nsarm_stage1/latest/checkpoints/last.safetensors"
     assert {k.split(".")[0] for k in load_file(s1)} == {"scale_predictor"}
     stage2 = (f"fit --config {ROOT}/recipes/nsarm_stage2.yaml {CPU} {DATA} --trainer.max_steps 2 {tok} {TOKENIZER} {NET} {TRANSFORMER} "
-              f"--model.init_args.init_from '[{s1}]'")
+              f"--model.init_args.training.init_from '[{s1}]'")
     assert main(shlex.split(stage2)) == 0
     s2 = tmp_path / "runs/nsarm_stage2/latest/checkpoints/last.safetensors"
     w1, w2 = load_file(s1), load_file(s2)
@@ -66,7 +66,7 @@ def test_stage1_then_stage2_then_predict(tmp_path, monkeypatch):
     (lr_dir / "native.txt").write_text("a photo of a red flower")
     predict = (f"predict --config {ROOT}/recipes/nsarm_stage2.yaml {CPU} {DATA} {tok} {TOKENIZER} {NET} {TRANSFORMER} "
                f"--config {ROOT}/recipes/predict.yaml --data.init_args.inputs '[{lr_dir}]' --trainer.callbacks.init_args.out_dir sr "
-               f"--model.init_args.init_from '[{s2}]'")
+               f"--model.init_args.training.init_from '[{s2}]'")
     assert main(shlex.split(predict)) == 0
     outs = sorted(p.relative_to(tmp_path / "sr").as_posix() for p in (tmp_path / "sr").rglob("*.png"))
     assert len(outs) == 2, outs

@@ -50,7 +50,7 @@ def test_readme_component_is_one_file_and_one_yaml_line(tmp_path, monkeypatch):
     (tmp_path / "sinusoidal.yaml").write_text(yaml_line)
     monkeypatch.syspath_prepend(str(tmp_path))
     cli = ARSRCLI(args=["--config", str(ROOT / "recipes" / "quickstart.yaml"), "--config", str(tmp_path / "sinusoidal.yaml"),
-                        "--model.init_args.tokenizer_from", "null"], run=False)
+                        "--model.init_args.tokenizer.init_args.weights", "null"], run=False)
     task = cli.model
     assert type(task.transformer.pos_enc).__name__ == "Sinusoidal"
     hr = torch.rand(2, 3, task.native_size, task.native_size)

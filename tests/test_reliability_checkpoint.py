@@ -172,7 +172,7 @@ def test_pickled_code_is_refused_everywhere(tmp_path, evil, monkeypatch, capsys)
         with pytest.raises(ValueError, match="only|not a readable safetensors"):
             load_weights(path)  # init_from and tokenizer_from read through load_weights
     refused(["fit", *TINY, "--trainer.max_steps", "1", "--model.init_args.init_from", str(ckpt)], ".safetensors files only")
-    refused(["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--model.init_args.tokenizer_from", str(renamed),
+    refused(["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--model.init_args.tokenizer.init_args.weights", str(renamed),
              "--trainer.max_steps", "1"], "not a readable safetensors file")
     r = run(str(ROOT / "tools" / "convert.py"), "--src", str(ckpt), "--preset", "var_vqvae", "--out", str(tmp_path / "w"), cwd=tmp_path)
     assert r.returncode == 2 and "could not be read as a weights-only torch checkpoint" in r.stderr, r.stderr[-2000:]

@@ -30,7 +30,7 @@ validation shards only feed the end-of-fit side-by-side image and ``arsr test``)
     try:
         for _ in range(2):
             assert main(["fit", "--config", str(ROOT / "recipes/quickstart_tokenizer.yaml"), *TINY, "--model.init_args.image_log_every", "0"]) == 0
-        assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--model.init_args.image_log_every", "0", "--name", "sr", "--trainer.num_sanity_val_steps", "0",
+        assert main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *TINY, "--model.init_args.training.image_log_every", "0", "--name", "sr", "--trainer.num_sanity_val_steps", "0",
                      "--data.init_args.val_shards", str(SAMPLE / "val-000000.tar")]) == 0
         yield root
     finally:

@@ -7,7 +7,7 @@ from arsr.sweep import main, parse_grid, random_points
 from conftest import ROOT, SAMPLE
 
 POS = "model.init_args.transformer.init_args.pos_enc"
-TINY = ["--model.init_args.tokenizer_from", "null", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+TINY = ["--model.init_args.tokenizer.init_args.weights", "null", "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
         "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1", "--model.init_args.inference.val_samples", "0",
         "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "2",
         "--data.init_args.train_shards", str(SAMPLE / "train-{000000..000001}.tar"),

@@ -229,9 +229,11 @@ def nsarm(preset: str = "tiny", schedule: str = "0.06M", batch: int = 2, iters: 
           f"{px} px) on {device}: train step batch {batch} {t_train:.2f} s; sample {t_sample:.2f} s/image (cfg {cfg})")
 
 
-def _var_pair(preset: str, size: int, device: str, compile: bool = False):
+def _var_pair(preset: str, size: int, device: str, compile: bool = False, channels_last: bool = False):
     """An arsr VAR backbone (absolute positions, index head, no prefix: VAR's own model) + tokenizer, and
-    the reference re-statement (tools/reference_var.py) holding the same weights."""
+    the reference re-statement (tools/reference_var.py) holding the same weights, with its own copy
+    of the tokenizer (in the default memory format, as the official code keeps it)."""
+    import copy
     import sys
     from pathlib import Path
 
@@ -253,11 +255,13 @@ def _var_pair(preset: str, size: int, device: str, compile: bool = False):
     else:  # small: 4 blocks of width 256, a small tokenizer
         tok, sizes = VQVAE(MultiScaleVQ(512, 16, pn), ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1), dict(depth=4, width=256, heads=4)
     tr = NextScaleTransformer(AbsolutePerScale(), IndexHead(), None, **sizes, num_classes=2, null_class=1, cond_drop=0.0, drop_path=0.0)
-    task = ARFinetune(tr, tok, ConstantLabel(0), training=Training(compile=compile), inference=Inference(val_samples=0)).to(device)
+    task = ARFinetune(tr, tok, ConstantLabel(0), training=Training(compile=compile, channels_last=channels_last),
+                      inference=Inference(val_samples=0)).to(device)
     task.log = task.log_dict = lambda *a, **k: None
     ref, vq = reference_var.from_arsr(tr, tok.quantize)
-    task.configure_model()  # training.compile: torch.compile per block (after the reference copied the weights)
-    return task, ref.to(device), vq.to(device)
+    ref_tok = copy.deepcopy(tok)
+    task.configure_model()  # training.compile / channels_last (after the reference copied the weights)
+    return task, ref.to(device), vq.to(device), ref_tok
 
 
 def _adamw_reference(params, device: str):
@@ -269,21 +273,24 @@ def _adamw_reference(params, device: str):
 
 
 def paired(preset: str = "small", size: int = 256, batch: int = 4, rounds: int = 7, device: str = "cpu",
-           cfg: float = 4.0, top_k: int = 100, top_p: float = 0.95, rows: list[str] | None = None, compile: bool = False):
+           cfg: float = 4.0, top_k: int = 100, top_p: float = 0.95, rows: list[str] | None = None, compile: bool = False,
+           channels_last: bool = False):
     """arsr against a plain PyTorch re-statement of the same math (tools/reference_var.py, VAR's
     model with arsr's weights), interleaved in one process: each round times arsr then the reference
     once per row; prints medians, the time ratio arsr / reference (< 1: arsr faster) and tokens/s.
     Checks first that both compute the same logits and sample the same tokens. Rows: train_fp32,
     train_bf16, sample (KV cache + CFG), teacher (tokens + teacher-forcing input), tokenizer (encode +
     decode), optimizer (one AdamW step); degradation has no reference and is reported alone.
-    ``compile``: arsr with ``training.compile`` (torch.compile per block; the reference stays eager).
+    ``compile``: arsr with ``training.compile`` (torch.compile per block; the reference stays eager);
+    ``channels_last``: arsr with ``training.channels_last`` (its tokenizer NHWC; the reference's
+    copy stays in the default format).
     On CUDA also absolute ms and MFU of the training step (bf16 peak of the device, if known)."""
     import torch.nn.functional as F
 
     from arsr.optim import AdamW
 
     rows = rows or ["train_fp32", "train_bf16", "sample", "teacher", "tokenizer", "optimizer"]
-    task, ref, vq = _var_pair(preset, size, device, compile)
+    task, ref, vq, ref_tok = _var_pair(preset, size, device, compile, channels_last)
     tok, q, tr = task.tokenizer, task.quantizer, task.transformer
     L = tr.layout.image_len
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -296,13 +303,15 @@ def paired(preset: str = "small", size: int = 256, batch: int = 4, rounds: int =
         f = tok.encode(hr * 2 - 1)
         tf = q.teacher(f)
         d_logits = (tr(label, tf.inputs) - ref(label, vq.teacher_input(vq.f_to_idx(f)))).abs().max().item()
+        d_latent = (f - ref_tok.encode(hr * 2 - 1)).abs().max().item()
         same_tokens = all(torch.equal(a, c) for a, c in zip(tf.tokens, vq.f_to_idx(f)))
         gen = lambda: torch.Generator(device=device).manual_seed(1)
         t_arsr, _ = task.sample_tokens(hr[:1] * 2 - 1, generator=gen(), cfg=cfg, top_k=top_k, top_p=top_p)
         t_ref = ref.sample(vq, label[:1], cfg, top_k, top_p, gen())
     same_sample = all(torch.equal(a, c) for a, c in zip(t_arsr, t_ref))
-    print(f"paired {preset}{' (arsr compiled)' if compile else ''} at {size}px, batch {batch}, on {device} "
-          f"(threads {torch.get_num_threads()}): same tokens {same_tokens}, "
+    settings = ", ".join(name for name, on in (("compiled", compile), ("channels_last", channels_last)) if on)
+    print(f"paired {preset}{f' (arsr {settings})' if settings else ''} at {size}px, batch {batch}, on {device} "
+          f"(threads {torch.get_num_threads()}): same tokens {same_tokens}, max |latent diff| {d_latent:.1e}, "
           f"max |logits diff| {d_logits:.1e}, same sampled tokens {same_sample}")
 
     opt_a = AdamW(list(task.named_parameters()), lr=1e-4)
@@ -321,7 +330,7 @@ def paired(preset: str = "small", size: int = 256, batch: int = 4, rounds: int =
         def ref_step():
             with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
                 with torch.no_grad():
-                    idx = vq.f_to_idx(tok.encode(hr * 2 - 1))
+                    idx = vq.f_to_idx(ref_tok.encode(hr * 2 - 1))
                     x = vq.teacher_input(idx)
                 logits = ref(label, x)
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), torch.cat(idx, 1).view(-1))
@@ -344,7 +353,7 @@ def paired(preset: str = "small", size: int = 256, batch: int = 4, rounds: int =
         if row == "tokenizer":
             img = hr * 2 - 1
             return (lambda: tok.indices_to_img(tok.img_to_indices(img)),
-                    lambda: tok.decode(vq.idx_to_fhat(vq.f_to_idx(tok.encode(img)))), batch * L)
+                    lambda: ref_tok.decode(vq.idx_to_fhat(vq.f_to_idx(ref_tok.encode(img)))), batch * L)
         if row == "optimizer":
             for p in list(task.parameters()) + list(ref.parameters()):
                 if p.requires_grad:

@@ -6,7 +6,7 @@
     arsr fit --config recipes/varsr.yaml --config weights/varsr_vqvae.yaml
 
 The written ``<out>.yaml`` holds the model block that matches the weights and the path to them
-(``tokenizer_from`` for a tokenizer, ``init_from`` for a transformer).
+(a tokenizer's own ``weights``; ``training.init_from`` for a transformer).
 """
 
 from __future__ import annotations

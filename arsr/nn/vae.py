@@ -155,11 +155,14 @@ class VQVAE(nn.Module):
     ``quantize`` is any :class:`arsr.interfaces.Quantizer` (multi-scale VQ, hierarchical RQ,
     BSQ). Images are in [-1, 1]. ``quant_conv_ks=0`` drops the two 1-layer convs around the
     quantizer (Infinity's BSQ-VAE has none); ``using_sa`` / ``using_mid_sa`` switch the level
-    and middle attention (VAR: both on; Infinity: both off).
+    and middle attention (VAR: both on; Infinity: both off). ``weights``: a ``.safetensors`` file
+    of this tokenizer, loaded at construction (written by ``tools/convert.py`` from an official
+    checkpoint, or a TokenizerFinetune export, whose ``tokenizer.`` key prefix is accepted).
     """
 
     def __init__(self, quantizer: Quantizer, ch: int = 160, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
-                 num_res_blocks: int = 2, using_sa: bool = True, using_mid_sa: bool = True, quant_conv_ks: int = 3):
+                 num_res_blocks: int = 2, using_sa: bool = True, using_mid_sa: bool = True, quant_conv_ks: int = 3,
+                 weights: None | str = None):
         super().__init__()
         z = quantizer.dim
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, z, using_sa=using_sa, using_mid_sa=using_mid_sa)
@@ -168,6 +171,15 @@ class VQVAE(nn.Module):
         conv = lambda: nn.Conv2d(z, z, quant_conv_ks, padding=quant_conv_ks // 2) if quant_conv_ks else nn.Identity()
         self.quant_conv, self.post_quant_conv = conv(), conv()
         self.downsample = 2 ** (len(ch_mult) - 1)
+        self.weights = weights
+        if weights:
+            self.load(weights)
+
+    def load(self, path: str) -> None:
+        """Load this tokenizer's weights from a ``.safetensors`` file (every tensor must match)."""
+        from arsr.checkpoint import load_into, load_weights
+
+        load_into(self, load_weights(path), f"tokenizer weights={path}")
 
     def build_decoders(self, quantizer: Quantizer, make) -> None:
         """Create the decoder(s); ``make()`` builds one."""

@@ -25,18 +25,13 @@ from .base import ARSRTask, adamw
 
 
 class _TokenizerTask(ARSRTask):
-    """Shared by the AR tasks: a frozen tokenizer, optionally loaded from safetensors."""
+    """Shared by the AR tasks: a frozen tokenizer (its weights come with it: ``VQVAE(weights=...)``)."""
 
     not_saved = ("tokenizer",)  # the frozen tokenizer is an input, not a result
     init_strict: bool = True
 
-    def __init__(self, tokenizer: VQVAE, tokenizer_from: str | None, optimizer, lr_scheduler, init_from, image_log_every):
+    def __init__(self, tokenizer: VQVAE, optimizer, lr_scheduler, init_from, image_log_every):
         super().__init__(optimizer, lr_scheduler, init_from, image_log_every)
-        if tokenizer_from:  # a converted tokenizer, or a TokenizerFinetune export (keys under "tokenizer.")
-            state = load_weights(tokenizer_from)
-            if all(k.startswith("tokenizer.") for k in state):
-                state = {k[len("tokenizer."):]: v for k, v in state.items()}
-            load_into(tokenizer, state, f"tokenizer_from={tokenizer_from}")
         self.tokenizer = tokenizer.eval().requires_grad_(False)
 
     def train(self, mode: bool = True):  # the tokenizer stays frozen in eval mode
@@ -99,17 +94,15 @@ class TransformAlign(_TokenizerTask):
 
     Args:
         scale_predictor: the transformation network.
-        tokenizer: the (BSQ) tokenizer whose pyramid is the target.
-        tokenizer_from: its safetensors weights.
+        tokenizer: the (BSQ) tokenizer whose pyramid is the target, with its ``weights``.
         target: ``residual`` (the continuous residuals r_k, arsr's default) or ``code`` (their BSQ
             codes q_k); NSARM's released helpers build both, its loss is not public.
     """
 
-    def __init__(self, scale_predictor: ScalePredictor, tokenizer: VQVAE, tokenizer_from: str | None = None,
-                 target: Literal["residual", "code"] = "residual",
+    def __init__(self, scale_predictor: ScalePredictor, tokenizer: VQVAE, target: Literal["residual", "code"] = "residual",
                  optimizer: OptimizerCallable = adamw, lr_scheduler: LRSchedulerCallable | None = None,
                  init_from: str | None = None, image_log_every: int = 500):
-        super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
+        super().__init__(tokenizer, optimizer, lr_scheduler, init_from, image_log_every)
         self.record_settings()
         self.scale_predictor, self.target = bind_predictor(scale_predictor, self.tokenizer), target
 
@@ -154,6 +147,10 @@ class Training:
     """How ARFinetune trains (the ``training:`` block of a recipe).
 
     Attributes:
+        init_from: ``.safetensors`` weights to start from (the transformer, refiner, scale predictor:
+            every part present in the file loads); a list merges several files, later ones winning
+            (e.g. converted Infinity weights and NSARM stage 1's export). Not a resume: that is ``--ckpt_path``.
+        image_log_every: log an LR | outputs | HR grid every this many training steps (0 = never).
         scale_weighting: ``uniform`` (mean over the trained tokens) or ``sqrt_area`` (Infinity's
             reweight_loss_by_scale: the tokens of scale k weigh 1/sqrt(h_k w_k), normalised).
         ce_on_substituted: with a scale predictor, also train the backbone on the substituted scales'
@@ -163,14 +160,19 @@ class Training:
         activation_checkpointing: recompute every block in the backward pass.
         compile: ``torch.compile`` every block.
         fsdp_bf16_params: under FSDP2, compute with bf16 parameters (fp32 gradient reduction).
+        channels_last: keep the frozen tokenizer in channels-last memory format (NHWC): faster
+            convolutions with oneDNN on CPU and tensor cores on GPU; latents equal up to float rounding.
     """
 
+    init_from: None | str | list[str] = None
+    image_log_every: int = 500
     scale_weighting: Literal["uniform", "sqrt_area"] = "uniform"
     ce_on_substituted: bool = False
     init_strict: bool = True
     activation_checkpointing: bool = False
     compile: bool = False
     fsdp_bf16_params: bool = False
+    channels_last: bool = False
 
 
 def _config(value, kind):
@@ -185,8 +187,9 @@ class ARFinetune(SuperResolution, _TokenizerTask):
     Args:
         transformer: the backbone: VAR-family (:class:`NextScaleTransformer`, with its positional
             encoding, conditioning and head) or Infinity (:class:`InfinityTransformer`, captions).
-        tokenizer: frozen tokenizer giving the target tokens (VQ indices or BSQ bits); its schedule
-            is the schedule of everything else (the backbone and the scale predictor bind to it).
+        tokenizer: frozen tokenizer giving the target tokens (VQ indices or BSQ bits), with its
+            ``weights``; its schedule is the schedule of everything else (the backbone and the scale
+            predictor bind to it).
         labels: label policy (quality CFG, degradation classes, class labels); None: label 0 and no
             label-based guidance (Infinity / NSARM guide with the null caption).
         regularizer: optional extra loss (e.g. DPO).
@@ -194,11 +197,8 @@ class ARFinetune(SuperResolution, _TokenizerTask):
         scale_predictor: NSARM: a transformation network whose predicted residuals replace the
             first scales; they are BSQ-quantised, later scales' inputs and labels are re-derived
             from them (Algorithm 2) and the loss reaches the network through those inputs.
-        tokenizer_from: safetensors weights of the tokenizer.
-        init_from: safetensors weights of everything else (transformer, refiner, scale predictor);
-            a list merges several files (later ones win).
-        optimizer, lr_scheduler, image_log_every: as every arsr task (:class:`arsr.tasks.base.ARSRTask`).
-        training: :class:`Training` settings (loss weighting, init strictness, parallelism).
+        optimizer, lr_scheduler: as every arsr task (:class:`arsr.tasks.base.ARSRTask`).
+        training: :class:`Training` settings (starting weights, loss weighting, logging, parallelism).
         inference: :class:`arsr.inference.Inference` settings (sampling, tiling, post-processing).
     """
 
@@ -210,16 +210,13 @@ class ARFinetune(SuperResolution, _TokenizerTask):
         regularizer: Regularizer | None = None,
         refiner: Refiner | None = None,
         scale_predictor: ScalePredictor | None = None,
-        tokenizer_from: str | None = None,
-        init_from: str | list[str] | None = None,
         optimizer: OptimizerCallable = adamw,
         lr_scheduler: LRSchedulerCallable | None = None,
-        image_log_every: int = 500,
         training: Training = Training(),
         inference: Inference = Inference(),
     ):
         training, inference = _config(training, Training), _config(inference, Inference)
-        super().__init__(tokenizer, tokenizer_from, optimizer, lr_scheduler, init_from, image_log_every)
+        super().__init__(tokenizer, optimizer, lr_scheduler, training.init_from, training.image_log_every)
         self.record_settings()
         transformer.bind(tokenizer.quantize)
         self.transformer, self.labels, self.regularizer, self.refiner = transformer, labels, regularizer, refiner
@@ -262,12 +259,15 @@ class ARFinetune(SuperResolution, _TokenizerTask):
         return self.labels(batch) if self.labels is not None else torch.zeros(len(batch), dtype=torch.long, device=self.device)
 
     def configure_model(self) -> None:
-        """:func:`arsr.parallel.parallelize`: activation checkpointing and compile per block, then (under
+        """The tokenizer to channels-last if asked, then :func:`arsr.parallel.parallelize`: activation
+        checkpointing and compile per block, then (under
         Lightning's ModelParallelStrategy) FSDP2 ``fully_shard`` per block and per trainable part; the
         frozen tokenizer is replicated. Runs once."""
         if getattr(self, "_parallelized", False):
             return
         t = self.training_config
+        if t.channels_last:
+            self.tokenizer.to(memory_format=torch.channels_last)
         mesh = getattr(self, "device_mesh", None) if self._trainer is not None else None
         parallelize(self.transformer.blocks, (self.transformer, self.refiner, self.scale_predictor, self.regularizer),
                     None if mesh is None else mesh["data_parallel"], t.activation_checkpointing, t.compile,
