@@ -95,11 +95,13 @@ def block_causal_mask(levels: Sequence[int], impl: AttentionImpl, dtype: torch.d
 def attend(q: Tensor, k: Tensor, v: Tensor, mask, scale: float) -> Tensor:
     """q, k, v (B, H, N, d); mask: None, an additive (N, N) tensor, a BlockMask or ScaleChunks."""
     if isinstance(mask, ScaleChunks):
-        outs = []
-        for i, (qs, qe, ke) in enumerate(mask.chunks):
+        if len(mask.chunks) == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.head_mask, scale=scale)
+        outs = []  # queries split, not sliced: the backward joins their gradients in one cat
+        for i, (qc, (qs, qe, ke)) in enumerate(zip(q.split([qe - qs for qs, qe, _ in mask.chunks], dim=2), mask.chunks)):
             m = mask.head_mask if i == 0 else None  # only the first chunk can hold several scales
-            outs.append(F.scaled_dot_product_attention(q[:, :, qs:qe], k[:, :, :ke], v[:, :, :ke], attn_mask=m, scale=scale))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            outs.append(F.scaled_dot_product_attention(qc, k[:, :, :ke], v[:, :, :ke], attn_mask=m, scale=scale))
+        return torch.cat(outs, dim=2)
     if BlockMask is not None and isinstance(mask, BlockMask):
         fn = _compiled_flex() if q.is_cuda else flex_attention
         return fn(q, k, v.to(q.dtype), block_mask=mask, scale=scale)

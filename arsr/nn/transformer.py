@@ -117,19 +117,22 @@ class AdaLNBlock(nn.Module):
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * width))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def modulation(self, cond: Tensor) -> Tensor:
-        """The six AdaLN values of a condition (B, 1, 6, C), in VAR's order: gamma1, gamma2, scale1,
-        scale2, shift1, shift2. With shared AdaLN ``cond`` is already the shared modulation (B, 1, 6, C)."""
-        return cond + self.ada_gss if hasattr(self, "ada_gss") else rearrange(self.ada_lin(cond), "b (six c) -> b 1 six c", six=6)
-
-    def forward(self, x: Tensor, ada: Tensor, mask: Tensor | None, rope: Tensor | None,
-                text: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x (B, N, C); ada: this block's :meth:`modulation` (B, 1, 6, C)."""
+    def modulation(self, cond: Tensor) -> tuple[Tensor, ...]:
+        """The AdaLN values of a condition, each (B, 1, C): gamma1, gamma2, 1 + scale1, 1 + scale2,
+        shift1, shift2 (VAR's order, scales offset by one once here rather than at every call).
+        With shared AdaLN ``cond`` is already the shared modulation (B, 1, 6, C)."""
+        ada = cond + self.ada_gss if hasattr(self, "ada_gss") else rearrange(self.ada_lin(cond), "b (six c) -> b 1 six c", six=6)
         g1, g2, s1, s2, b1, b2 = rearrange(ada, "b 1 six c -> six b 1 c")
-        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * (1 + s1) + b1, mask, rope) * g1)
+        return g1, g2, 1 + s1, 1 + s2, b1, b2
+
+    def forward(self, x: Tensor, ada: tuple[Tensor, ...], mask: Tensor | None, rope: Tensor | None,
+                text: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """x (B, N, C); ada: this block's :meth:`modulation`."""
+        g1, g2, scale1, scale2, b1, b2 = ada
+        x = x + self.drop_path(self.attn(self.ln_wo_grad(x) * scale1 + b1, mask, rope) * g1)
         if text is not None:
             x = x + self.ca(self.ca_norm(x), *text)
-        return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (1 + s2) + b2) * g2)
+        return x + self.drop_path(self.ffn(self.ln_wo_grad(x) * scale2 + b2) * g2)
 
 
 class NextScaleTransformer(nn.Module):
@@ -304,14 +307,14 @@ class NextScaleTransformer(nn.Module):
             x = torch.cat([x[:, : max(p0 - start, 0)], x[:, max(p0 - start, 0) :] + add], dim=1)
         return x
 
-    def modulations(self, cond: Tensor) -> list[Tensor]:
+    def modulations(self, cond: Tensor) -> list[tuple[Tensor, ...]]:
         """Every block's AdaLN modulation of the condition (B, D): once per forward, and once per
         sampling run, since the condition is the same at every scale."""
         if hasattr(self, "shared_ada_lin"):
             cond = rearrange(self.shared_ada_lin(cond), "b (six c) -> b 1 six c", six=6)
         return [block.modulation(cond) for block in self.blocks]
 
-    def run_blocks(self, x: Tensor, ada: list[Tensor], start: int, mask, text=None) -> Tensor:
+    def run_blocks(self, x: Tensor, ada: list[tuple[Tensor, ...]], start: int, mask, text=None) -> Tensor:
         rope = self.pos_enc.rotary(start, start + x.shape[1])
         x = residual_stream(x, self.residual_bf16)
         for block, a in zip(self.blocks, ada):
