@@ -61,3 +61,18 @@ def test_readme_component_is_one_file_and_one_yaml_line(tmp_path, monkeypatch):
     loss = task.training_step(batch, 0)
     loss.backward()
     assert torch.isfinite(loss) and task.transformer.word_embed.weight.grad is not None
+
+
+def test_readme_lists_every_arfinetune_setting_with_its_default():
+    import dataclasses
+
+    import yaml
+
+    from arsr.inference import Inference
+    from arsr.tasks.ar import Training
+
+    block = re.search(r"```yaml\n# ARFinetune settings\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
+    documented = yaml.safe_load(block)
+    for kind in (Training, Inference):
+        name = "training" if kind is Training else "inference"
+        assert documented[name] == {f.name: f.default for f in dataclasses.fields(kind)}
