@@ -288,6 +288,9 @@ class Layout:
     prefix_grids: the square maps the prefix is made of (for 2-D positions).
     vae_dim, vae_schedule: the tokenizer latent's channels and per-scale map sizes (None: equal to
         latent_dim and schedule; they differ when tokens are patchified, Infinity-8B).
+    token_kind, vocab_size: what the backbone predicts: ``index`` tokens of a ``vocab_size``
+        codebook, or ``bits`` (``latent_dim`` binary labels per token); a backbone built before it
+        meets its tokenizer has ``token_kind`` None.
     """
 
     width: int
@@ -297,6 +300,8 @@ class Layout:
     prefix_grids: tuple[int, ...] = ()
     vae_dim: int | None = None
     vae_schedule: tuple[tuple[int, int], ...] | None = None
+    token_kind: str | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", tuple((int(h), int(w)) for h, w in self.schedule))
@@ -307,7 +312,9 @@ class Layout:
     @classmethod
     def of(cls, quantizer: Quantizer, width: int = 0, heads: int = 1, prefix_grids: tuple[int, ...] = ()) -> Layout:
         """The layout of a quantizer's tokens (for a backbone of this width / heads)."""
-        return cls(width, heads, quantizer.token_dim, quantizer.schedule, tuple(prefix_grids), quantizer.dim, quantizer.vae_schedule)
+        vocab = getattr(quantizer, "vocab_size", None) if quantizer.token_kind == "index" else None
+        return cls(width, heads, quantizer.token_dim, quantizer.schedule, tuple(prefix_grids), quantizer.dim, quantizer.vae_schedule,
+                   quantizer.token_kind, vocab)
 
     @property
     def patch_nums(self) -> tuple[int, ...]:
@@ -386,13 +393,15 @@ class Conditioning(nn.Module, ABC):
 
 class Head(nn.Module, ABC):
     """Maps hidden states to token logits and scores / samples tokens. ``bind(layout)`` creates its
-    parameters for the backbone's width (the condition vector has the same width)."""
+    parameters for the backbone's width (the condition vector has the same width) and, where the
+    layout knows the tokens (``token_kind``), checks and takes their size."""
 
     @abstractmethod
     def bind(self, layout: Layout) -> None: ...
 
-    def check_tokens(self, quantizer: Quantizer) -> None:
-        """Raise a one-line error when this head cannot score the quantizer's tokens."""
+    def check_tokens(self, layout: Layout) -> None:
+        """Raise a one-line error when this head cannot score the layout's tokens (``token_kind`` /
+        ``vocab_size`` / ``latent_dim``); take their size where the head was built without one."""
 
     def init_weights(self, init_head: float, init_adaln: float) -> None:
         """Called after the transformer's own initialisation."""

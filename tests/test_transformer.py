@@ -234,3 +234,20 @@ def test_sampling_computes_each_blocks_modulation_once():
         b.ada_lin.register_forward_hook(lambda *a: calls.append(1))
     m.generate(q, torch.tensor([0, 1]), cfg=1.5, top_k=5, generator=torch.Generator().manual_seed(0))
     assert len(calls) == len(m.blocks)
+
+
+def test_layout_carries_the_tokens_and_heads_size_from_it():
+    from arsr.components.quantizers import MultiScaleBSQ
+
+    vq = Layout.of(MultiScaleVQ(16, 4, PN), width=32, heads=2)
+    assert (vq.token_kind, vq.vocab_size, vq.latent_dim) == ("index", 16, 4)
+    bits = Layout.of(MultiScaleBSQ(dim=6, schedule=[(1, 1), (2, 2)]), width=32, heads=2)
+    assert (bits.token_kind, bits.vocab_size, bits.latent_dim) == ("bits", None, 6)
+    head = IndexHead()  # no size of its own: takes the codebook's
+    head.bind(vq)
+    assert head.head.out_features == 16
+    bitwise = BitwiseHead()
+    bitwise.bind(bits)
+    assert bitwise.head.out_features == 12
+    with pytest.raises(ValueError, match="IndexHead scores codebook indices but the tokenizer gives bits tokens: use BitwiseHead"):
+        IndexHead(16).bind(bits)

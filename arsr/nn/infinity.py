@@ -192,7 +192,7 @@ class InfinityTransformer(nn.Module):
         if len(schedule) > self.lvl_embed.num_embeddings:
             raise ValueError(f"schedule has {len(schedule)} scales; Infinity's level embedding has {self.lvl_embed.num_embeddings}")
         self.schedule = tuple(schedule)
-        self.layout = Layout(self.width, self.heads, self.token_dim, self.schedule)
+        self.layout = Layout(self.width, self.heads, self.token_dim, self.schedule, token_kind="bits")
         self.bounds = [sum(h * w for h, w in schedule[:k]) for k in range(len(schedule) + 1)]
         levels = torch.cat([torch.full((h * w,), i, device="cpu") for i, (h, w) in enumerate(schedule)])
         self.register_buffer("lvl_1L", levels, persistent=False)
@@ -201,7 +201,7 @@ class InfinityTransformer(nn.Module):
 
     def bind(self, quantizer) -> None:
         """Take the tokenizer's schedule and check its token width and the head."""
-        self.head.check_tokens(quantizer)
+        self.head.check_tokens(Layout.of(quantizer))
         if quantizer.token_dim != self.token_dim:
             raise ValueError(f"InfinityTransformer token_dim {self.token_dim} != the tokenizer's {quantizer.token_dim} bits per token")
         self.bind_schedule(quantizer.schedule)

@@ -230,17 +230,19 @@ class NextScaleTransformer(nn.Module):
         self.init_weights(*self._init)
 
     def bind(self, quantizer: Quantizer) -> None:
-        """Take the tokenizer's schedule and latent width (the head its vocabulary or bits), or check
-        them against those this transformer was built with."""
-        self.head.check_tokens(quantizer)
+        """Take the tokenizer's schedule, latent width and tokens (the head its vocabulary or bits),
+        or check them against those this transformer was built with."""
+        tokens = Layout.of(quantizer)
         if not hasattr(self, "layout"):
-            self.build(Layout.of(quantizer))
-        elif self.layout.schedule != tuple(quantizer.schedule):
+            return self.build(tokens)
+        if self.layout.schedule != tokens.schedule:
             raise ValueError(f"transformer patch_nums {self.layout.patch_nums} != tokenizer's {quantizer.patch_nums}"
-                             if all(h == w for h, w in quantizer.schedule) else
-                             f"transformer schedule {self.layout.schedule} != tokenizer's {tuple(quantizer.schedule)}")
-        elif self.layout.latent_dim != quantizer.token_dim:
-            raise ValueError(f"transformer latent_dim {self.layout.latent_dim} != the tokenizer's {quantizer.token_dim}")
+                             if all(h == w for h, w in tokens.schedule) else
+                             f"transformer schedule {self.layout.schedule} != tokenizer's {tokens.schedule}")
+        if self.layout.latent_dim != tokens.latent_dim:
+            raise ValueError(f"transformer latent_dim {self.layout.latent_dim} != the tokenizer's {tokens.latent_dim}")
+        self.head.check_tokens(tokens)
+        self.layout = dataclasses.replace(self.layout, token_kind=tokens.token_kind, vocab_size=tokens.vocab_size)
 
     # -- initialisation (VAR's recipe) ------------------------------------------------------
     @torch.no_grad()

@@ -48,18 +48,20 @@ class IndexHead(Head):
         self.vocab_size = vocab_size
 
     def bind(self, layout: Layout) -> None:
+        if layout.token_kind is not None:
+            self.check_tokens(layout)
         if self.vocab_size is None:
             raise ValueError(f"{type(self).__name__} needs its size (vocab_size / bits) when the transformer is not bound to a tokenizer")
         self.head_nm = AdaLNBeforeHead(layout.width, layout.width)
         self.head = nn.Linear(layout.width, self.vocab_size)
 
-    def check_tokens(self, quantizer) -> None:
-        if quantizer.token_kind != "index":
-            raise ValueError(f"IndexHead scores codebook indices but {type(quantizer).__name__} gives {quantizer.token_kind}: use BitwiseHead")
+    def check_tokens(self, layout: Layout) -> None:
+        if layout.token_kind != "index":
+            raise ValueError(f"IndexHead scores codebook indices but the tokenizer gives {layout.token_kind} tokens: use BitwiseHead")
         if self.vocab_size is None:
-            self.vocab_size = quantizer.vocab_size
-        if quantizer.vocab_size != self.vocab_size:
-            raise ValueError(f"IndexHead vocab_size {self.vocab_size} != the tokenizer's codebook size {quantizer.vocab_size}")
+            self.vocab_size = layout.vocab_size
+        if layout.vocab_size != self.vocab_size:
+            raise ValueError(f"IndexHead vocab_size {self.vocab_size} != the tokenizer's codebook size {layout.vocab_size}")
 
     @torch.no_grad()
     def init_weights(self, init_head: float, init_adaln: float) -> None:
@@ -89,13 +91,13 @@ class BitwiseHead(IndexHead):
         super().__init__(vocab_size=None if bits is None else 2 * bits)
         self.bits = bits
 
-    def check_tokens(self, quantizer) -> None:
-        if quantizer.token_kind != "bits":
-            raise ValueError(f"BitwiseHead predicts bits but {type(quantizer).__name__} gives {quantizer.token_kind} tokens: use IndexHead")
+    def check_tokens(self, layout: Layout) -> None:
+        if layout.token_kind != "bits":
+            raise ValueError(f"BitwiseHead predicts bits but the tokenizer gives {layout.token_kind} tokens: use IndexHead")
         if self.bits is None:
-            self.bits, self.vocab_size = quantizer.token_dim, 2 * quantizer.token_dim
-        if quantizer.token_dim != self.bits:
-            raise ValueError(f"BitwiseHead bits {self.bits} != the tokenizer's {quantizer.token_dim} bits per token")
+            self.bits, self.vocab_size = layout.latent_dim, 2 * layout.latent_dim
+        if layout.latent_dim != self.bits:
+            raise ValueError(f"BitwiseHead bits {self.bits} != the tokenizer's {layout.latent_dim} bits per token")
 
     def forward(self, h: Tensor, cond: Tensor) -> Tensor:
         return rearrange(super().forward(h, cond), "b n (d two) -> b n d two", two=2)  # (B, N, d, 2)
