@@ -115,7 +115,14 @@ class ARSRCLI(LightningCLI):
         if args is None or isinstance(args, (list, tuple)):
             args = nested_nulls(list(sys.argv[1:] if args is None else args))
         self._argv = list(args) if isinstance(args, list) else []
-        super().parse_arguments(parser, args)
+        for _ in range(len(MOVED_FLAGS) + 1):
+            try:
+                return super().parse_arguments(parser, args)
+            except ArgumentError as e:  # a flag of the earlier layout: said where it went, and used there
+                moved = moved_flags(self._argv, str(e))
+                if moved is None:
+                    raise
+                args = self._argv = nested_nulls(moved)
 
     def after_predict(self) -> None:
         """Inputs that failed make the run fail (after the others were written)."""
@@ -385,6 +392,25 @@ def describe_parse_error(message: str) -> str:
     return f"{'.init_args.'.join(keys)}: {detail}" if keys else detail
 
 
+def moved_flags(argv: list[str], error: str) -> list[str] | None:
+    """The command line with the flag the error refuses moved to its new place (``MOVED_FLAGS``),
+    saying so on stderr; None when the error is about something else."""
+    m = re.search(r"Option '(\w+)' is not accepted", error)
+    old = f"--model.init_args.{m.group(1)}" if m else None
+    if old is None or m.group(1) not in MOVED_FLAGS or not any(a == old or a.startswith(f"{old}=") for a in argv):
+        return None
+    new = MOVED_FLAGS[m.group(1)]
+    if rank_zero_only.rank == 0:
+        print(f"arsr: note: {old} is now {new}; using it there", file=sys.stderr)
+    return [new + a[len(old):] if a == old or a.startswith(f"{old}=") else a for a in argv]
+
+
+# flags of the earlier layout, and their place now (a command line using them still runs, with a note)
+MOVED_FLAGS = {
+    "tokenizer_from": "--model.init_args.tokenizer.init_args.weights",
+    "init_from": "--model.init_args.training.init_from",
+    "image_log_every": "--model.init_args.training.image_log_every",
+}
 # options that moved, and where a config written for the earlier layout finds them now
 MOVED_OPTIONS = {
     "tokenizer_from": "a tokenizer carries its weights: tokenizer.init_args.weights",

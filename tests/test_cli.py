@@ -98,8 +98,6 @@ def test_print_config_and_override(capsys):
         (["--data.init_args.degradation.init_args.jpeg_range", "[1]"], "degradation.init_args.jpeg_range: Expected a tuple with 2"),
         (["--data.init_args.train_shards", "missing-{0..2}.tar"], "not found"),
         (["--model.init_args.init_from", "missing.safetensors"], "not found"),
-        (["--model.init_args.tokenizer_from", "t.safetensors"],
-         "model: Option 'tokenizer_from' is not accepted; a tokenizer carries its weights: tokenizer.init_args.weights"),
         (["--ckpt_path", "missing.ckpt"], "--ckpt_path missing.ckpt does not exist"),
         (["--ckpt_path", "README.md"], "--ckpt_path README.md is not a readable checkpoint (not a torch.save archive"),
     ],
@@ -243,3 +241,18 @@ def test_null_for_a_nested_optional_string_is_none(capsys):
     m = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     assert m["tokenizer"]["init_args"]["weights"] is None and m["training"]["init_from"] is None
     assert m["tokenizer"]["init_args"]["ch"] == 32  # the rest of the tokenizer's settings stay
+
+
+def test_flags_of_the_earlier_layout_move_and_old_configs_name_the_new_place(tmp_path, capsys):
+    assert main(["fit", "--config", QUICK_AR, "--model.init_args.tokenizer_from", "null", "--model.init_args.init_from", "w.safetensors",
+                 "--model.init_args.image_log_every=3", "--print_config"]) == 0
+    out, err = capsys.readouterr()
+    m = yaml.safe_load(out)["model"]["init_args"]
+    assert m["tokenizer"]["init_args"]["weights"] is None and m["training"]["init_from"] == "w.safetensors"
+    assert m["training"]["image_log_every"] == 3
+    assert "arsr: note: --model.init_args.tokenizer_from is now --model.init_args.tokenizer.init_args.weights; using it there" in err
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  init_args:\n    tokenizer_from: t.safetensors\n")
+    assert main(["fit", "--config", QUICK_AR, "--config", str(old)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "Option 'tokenizer_from' is not accepted; a tokenizer carries its weights: tokenizer.init_args.weights" in line

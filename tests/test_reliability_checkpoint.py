@@ -153,7 +153,7 @@ def test_load_into_reports_keys_by_module():
 
 
 def test_pickled_code_is_refused_everywhere(tmp_path, evil, monkeypatch, capsys):
-    """--ckpt_path, init_from, tokenizer_from and tools/convert.py refuse the file, and nothing in it runs
+    """--ckpt_path, init_from, a tokenizer's weights and tools/convert.py refuse the file, and nothing in it runs
     (in-process: the unpickling would run right here)."""
     from arsr.cli import main
 
@@ -170,7 +170,7 @@ def test_pickled_code_is_refused_everywhere(tmp_path, evil, monkeypatch, capsys)
     renamed.write_bytes(ckpt.read_bytes())
     for path in (ckpt, renamed):
         with pytest.raises(ValueError, match="only|not a readable safetensors"):
-            load_weights(path)  # init_from and tokenizer_from read through load_weights
+            load_weights(path)  # init_from and tokenizer weights read through load_weights
     refused(["fit", *TINY, "--trainer.max_steps", "1", "--model.init_args.init_from", str(ckpt)], ".safetensors files only")
     refused(["fit", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--model.init_args.tokenizer.init_args.weights", str(renamed),
              "--trainer.max_steps", "1"], "not a readable safetensors file")
