@@ -75,3 +75,39 @@ def test_bf16_residual_stream_option(backbone):
     assert ha.dtype == torch.float32 and hb.dtype == torch.bfloat16
     assert torch.allclose(a.float(), b.float(), atol=0.05) and all(p.grad is None or torch.isfinite(p.grad).all() for p in bf16.parameters())
     assert bf16(**args).dtype == fp32(**args).dtype == torch.float32  # no autocast: nothing changes
+
+
+@pytest.mark.parametrize("backbone", ["var", "infinity"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_block_traces_into_one_graph(backbone, cached):
+    """training.compile compiles each block: its training step (chunked attention, drop path) and
+    its KV-cache sampling step trace without a graph break (dynamo only, no code generation)."""
+    from arsr.sampling import KVCache
+
+    torch.manual_seed(0)
+    if backbone == "var":
+        m = NextScaleTransformer(SARoPE(), IndexHead(16), depth=2, width=32, heads=2, latent_dim=4, patch_nums=(1, 2, 3, 4, 8),
+                                 num_classes=2, null_class=1, cond_drop=0.0, drop_path=0.1)
+        args = dict(label=torch.tensor([0, 1]), inputs=torch.randn(2, m.layout.image_len - 1, 4))
+    else:
+        m = InfinityTransformer(token_dim=4, text_channels=128, text_maxlen=8, depth=2, width=32, heads=2, cond_drop=0.0,
+                                schedule=[1, 2, 3, 4, 8], drop_path=0.1)
+        args = dict(label=None, inputs=torch.randn(2, 93, 4), text=(torch.randn(2, 3, 128), torch.ones(2, 3, dtype=torch.bool)))
+    block = m.blocks[0]
+    seen = {}
+    hook = block.register_forward_pre_hook(lambda mod, a: seen.__setitem__("args", a))
+    m(**args)  # the block's real inputs
+    hook.remove()
+    x, *rest = seen["args"]
+    if cached:  # a sampling step: the second scale's positions through the KV cache, no mask
+        attn = block.attn if backbone == "var" else block.sa
+        attn.cache = KVCache(x.shape[1])
+        attn.cache.extend(*[torch.randn(2, 2, 1, 16)] * 2)
+        x = x[:, 1:5]
+        if backbone == "var":  # (ada, mask, rope, text)
+            rest = [rest[0], None, rest[2][1:5], rest[3]]
+        else:  # (gss, text, mask, rope)
+            rest = [rest[0], rest[1], None, rest[3][1:5]]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(x, *rest)
+    assert explained.graph_break_count == 0, explained.break_reasons
