@@ -162,7 +162,7 @@ class VQVAE(nn.Module):
 
     def __init__(self, quantizer: Quantizer, ch: int = 160, ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, using_sa: bool = True, using_mid_sa: bool = True, quant_conv_ks: int = 3,
-                 weights: None | str = None):
+                 weights: str | None = None):
         super().__init__()
         z = quantizer.dim
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, z, using_sa=using_sa, using_mid_sa=using_mid_sa)

@@ -164,7 +164,7 @@ class Training:
             convolutions with oneDNN on CPU and tensor cores on GPU; latents equal up to float rounding.
     """
 
-    init_from: None | str | list[str] = None
+    init_from: str | list[str] | None = None
     image_log_every: int = 500
     scale_weighting: Literal["uniform", "sqrt_area"] = "uniform"
     ce_on_substituted: bool = False
