@@ -506,6 +506,9 @@ class Refiner(nn.Module, ABC):
 
     latent_dim: int
 
+    def bind(self, layout: Layout) -> None:
+        """Size from the layout (latent channels ``vae_dim``, backbone ``width``), or check the sizes given."""
+
     @abstractmethod
     def loss(self, h_last: Tensor, code_embed: Tensor, target: Tensor) -> Tensor:
         """h_last, code_embed (B, N, C); target (B, N, d) residual after the last code -> weighted loss."""

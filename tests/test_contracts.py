@@ -14,8 +14,9 @@ import arsr.components.degradations as degradations
 import arsr.components.heads as heads
 import arsr.components.posenc as posenc
 import arsr.components.quantizers as quantizers
-from arsr.interfaces import (Conditioning, Degradation, Head, Labels, Layout, PositionalEncoding, Quantizer, ScalePredictor, SRBatch,
-                             TextConditioning)
+import arsr.components.refiners as refiners
+from arsr.interfaces import (Conditioning, Degradation, Head, Labels, Layout, PositionalEncoding, Quantizer, Refiner, ScalePredictor,
+                             SRBatch, TextConditioning)
 from arsr.nn.vae import HierarchicalVQVAE, VQVAE
 
 from conftest import SAMPLE
@@ -43,9 +44,11 @@ LABELS = {conditioning.ConstantLabel: lambda: conditioning.ConstantLabel(0), con
           conditioning.DegradationClasses: lambda: conditioning.DegradationClasses(), conditioning.ClassLabels: lambda: conditioning.ClassLabels(3)}
 TEXT = {conditioning.ByteCaptionEncoder: lambda: conditioning.ByteCaptionEncoder(dim=16, depth=1, heads=2),
         conditioning.T5TextEncoder: lambda: conditioning.T5TextEncoder(str(SAMPLE / "tiny_t5"))}
+REFINERS = {refiners.DiffusionRefiner: lambda: refiners.DiffusionRefiner(width=16, depth=1, sample_steps=3)}
 FAMILIES = [(quantizers, Quantizer, TOKENIZERS), (posenc, PositionalEncoding, POSENC), (heads, Head, HEADS),
             (degradations, Degradation, DEGRADATIONS), (conditioning, Conditioning, CONDITIONINGS),
-            (conditioning, ScalePredictor, PREDICTORS), (conditioning, Labels, LABELS), (conditioning, TextConditioning, TEXT)]
+            (conditioning, ScalePredictor, PREDICTORS), (conditioning, Labels, LABELS), (conditioning, TextConditioning, TEXT),
+            (refiners, Refiner, REFINERS)]
 
 
 def implementations(package, base) -> set[type]:
@@ -159,6 +162,22 @@ def test_scale_predictor_contract(cls):
     assert [tuple(r.shape) for r in out] == [(2, 4, h, w) for h, w in tok.quantize.vae_schedule[: net.num_scales]]
     sum(r.sum() for r in out).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+@pytest.mark.parametrize("cls", list(REFINERS), ids=lambda c: c.__name__)
+def test_refiner_contract(cls):
+    """bind(layout) sizes it from the latent channels and the backbone width -> a finite loss with
+    gradients, and a residual (B, N, d) per sample, guided ([conditional; unconditional] halves) or not."""
+    layout = Layout.of(bsq_tokenizer().quantize, width=32, heads=2)
+    ref = REFINERS[cls]()
+    ref.bind(layout)
+    h, code, target = torch.randn(2, 8, 32), torch.randn(2, 8, 32), torch.randn(2, 8, layout.vae_dim)
+    loss = ref.loss(h, code, target)
+    loss.backward()
+    assert loss.dim() == 0 and torch.isfinite(loss) and any(p.grad is not None for p in ref.parameters())
+    g = torch.Generator().manual_seed(0)
+    assert ref.sample(h, code, generator=g).shape == (2, 8, layout.vae_dim)
+    assert ref.sample(h, code, cfg=1.5, generator=g).shape == (1, 8, layout.vae_dim)
 
 
 @pytest.mark.parametrize("cls", list(LABELS), ids=lambda c: c.__name__)

@@ -86,3 +86,15 @@ def test_varsr_init_is_the_transformer_init_over_the_refiner():
     mar = DiffusionRefiner(latent_dim=8, cond_dim=C, width=128, depth=2, init="mar")
     assert torch.count_nonzero(mar.diffloss.net.final_layer.linear.weight) == 0
     assert torch.count_nonzero(mar.diffloss.net.res_blocks[0].adaLN_modulation[-1].weight) == 0
+
+
+def test_sizes_come_from_the_layout_or_are_checked_against_it():
+    from arsr.interfaces import Layout
+
+    layout = Layout(width=24, heads=2, latent_dim=8, schedule=((1, 1), (2, 2)), vae_dim=6)
+    r = DiffusionRefiner(width=16, depth=1)
+    r.bind(layout)
+    assert (r.latent_dim, r.cond_dim) == (6, 24) and r.decoder_norm.normalized_shape == (24,)
+    assert r.diffloss.net.input_proj.in_features == 6
+    with pytest.raises(ValueError, match="DiffusionRefiner cond_dim 32 != the transformer width 24: leave cond_dim out"):
+        DiffusionRefiner(latent_dim=6, cond_dim=32, width=16, depth=1).bind(layout)

@@ -152,13 +152,17 @@ def test_var_d16_layout():
 def test_encoder_features_need_a_tokenizer():
     from arsr.nn.vae import VQVAE
 
-    cond = EncoderFeatures(grid=2, latent_dim=4)
+    cond = EncoderFeatures(grid=4)  # the last latent side; the channels come from the layout
     m = tiny(cond=cond)
     with pytest.raises(RuntimeError, match="no tokenizer"):
-        m(torch.tensor([0]), torch.randn(1, 29, 4), torch.rand(1, 3, 8, 8))
-    tok = VQVAE(MultiScaleVQ(16, 4, (1, 2)), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
+        m(torch.tensor([0]), torch.randn(1, 29, 4), torch.rand(1, 3, 16, 16))
+    tok = VQVAE(MultiScaleVQ(16, 4, PN), ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
     cond.attach_tokenizer(tok)
-    assert m(torch.tensor([0]), torch.randn(1, 29, 4), torch.rand(1, 3, 8, 8)).shape == (1, 30, 16)
+    assert m(torch.tensor([0]), torch.randn(1, 29, 4), torch.rand(1, 3, 16, 16)).shape == (1, 30, 16)
+    with pytest.raises(ValueError, match="EncoderFeatures grid 2 != the tokenizer's last latent map 4x4: set grid 4"):
+        tiny(cond=EncoderFeatures(grid=2))
+    with pytest.raises(ValueError, match="EncoderFeatures latent_dim 8 != the tokenizer's 4 latent channels"):
+        tiny(cond=EncoderFeatures(grid=4, latent_dim=8))
 
 
 def test_text_cross_attention_cache_cfg_and_dropout():

@@ -205,6 +205,7 @@ class InfinityTransformer(nn.Module):
         if quantizer.token_dim != self.token_dim:
             raise ValueError(f"InfinityTransformer token_dim {self.token_dim} != the tokenizer's {quantizer.token_dim} bits per token")
         self.bind_schedule(quantizer.schedule)
+        self.layout = Layout.of(quantizer, self.width, self.heads)
 
     def _apply(self, fn, recurse: bool = True):  # keep the complex RoPE table on the module's device
         moved = fn(self.rope)

@@ -242,7 +242,8 @@ class NextScaleTransformer(nn.Module):
         if self.layout.latent_dim != tokens.latent_dim:
             raise ValueError(f"transformer latent_dim {self.layout.latent_dim} != the tokenizer's {tokens.latent_dim}")
         self.head.check_tokens(tokens)
-        self.layout = dataclasses.replace(self.layout, token_kind=tokens.token_kind, vocab_size=tokens.vocab_size)
+        self.layout = dataclasses.replace(self.layout, token_kind=tokens.token_kind, vocab_size=tokens.vocab_size,
+                                          vae_dim=tokens.vae_dim, vae_schedule=tokens.vae_schedule)
 
     # -- initialisation (VAR's recipe) ------------------------------------------------------
     @torch.no_grad()

@@ -219,6 +219,8 @@ class ARFinetune(SuperResolution, _TokenizerTask):
         super().__init__(tokenizer, optimizer, lr_scheduler, training.init_from, training.image_log_every)
         self.record_settings()
         transformer.bind(tokenizer.quantize)
+        if refiner is not None:
+            refiner.bind(transformer.layout)
         self.transformer, self.labels, self.regularizer, self.refiner = transformer, labels, regularizer, refiner
         self.scale_predictor = None if scale_predictor is None else bind_predictor(scale_predictor, self.tokenizer)
         self.postprocess = inference.postprocess  # registered, so it moves with the task

@@ -52,11 +52,11 @@ class EncoderFeatures(Conditioning):
     without gradient; only the projection to the transformer width is learned.
 
     Args:
-        grid: side g of the feature map.
-        latent_dim: d.
+        grid: side g of the feature map: the tokenizer's last latent side (checked at ``bind``).
+        latent_dim: d, the tokenizer's latent channels; None: taken from the layout at ``bind``.
     """
 
-    def __init__(self, grid: int = 32, latent_dim: int = 32):
+    def __init__(self, grid: int = 32, latent_dim: int | None = None):
         super().__init__()
         self.grid, self.latent_dim = grid, latent_dim
         self.prefix_grids = (grid,)
@@ -66,6 +66,13 @@ class EncoderFeatures(Conditioning):
         self._tokenizer = [tokenizer]
 
     def bind(self, layout: Layout) -> None:
+        if self.latent_dim is not None and self.latent_dim != layout.vae_dim:
+            raise ValueError(f"EncoderFeatures latent_dim {self.latent_dim} != the tokenizer's {layout.vae_dim} latent channels: "
+                             "leave latent_dim out to take it from the tokenizer")
+        if layout.vae_schedule[-1] != (self.grid, self.grid):
+            h, w = layout.vae_schedule[-1]
+            raise ValueError(f"EncoderFeatures grid {self.grid} != the tokenizer's last latent map {h}x{w}: set grid {h}")
+        self.latent_dim = layout.vae_dim
         self.proj = nn.Linear(self.latent_dim, layout.width)
 
     def forward(self, lr_up: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from arsr.interfaces import Refiner
+from arsr.interfaces import Layout, Refiner
 from arsr.sampling import cfg_mix, cfg_pair
 
 
@@ -193,8 +193,8 @@ class DiffLoss(nn.Module):
 
 class DiffusionRefiner(Refiner):
     """Args:
-        latent_dim: channels of the tokenizer latent (32).
-        cond_dim: transformer width C.
+        latent_dim: channels of the tokenizer latent (VARSR: 32); None: the tokenizer's, at ``bind``.
+        cond_dim: transformer width C (VARSR: 1536); None: the backbone's, at ``bind``.
         width, depth: MLP width and residual blocks (VARSR: 1024, 6).
         train_steps, sample_steps: diffusion steps (1000) and respaced sampling steps (10).
         latent_scale: the residual is divided by this before diffusion (VARSR: 0.6).
@@ -204,19 +204,36 @@ class DiffusionRefiner(Refiner):
             refiner (every Linear truncated-normal std sqrt(1 / (3 cond_dim)), bias 0; LayerNorm 1, 0);
             ``mar``: MAR's own DiffLoss init (xavier-uniform, N(0, 0.02) time MLP, zero AdaLN and
             output layers). Irrelevant when weights are loaded.
+
+    Given both sizes it is built at once (official layouts, conversion); ``bind`` then checks them.
     """
 
-    def __init__(self, latent_dim: int = 32, cond_dim: int = 1536, width: int = 1024, depth: int = 6,
+    def __init__(self, latent_dim: int | None = None, cond_dim: int | None = None, width: int = 1024, depth: int = 6,
                  train_steps: int = 1000, sample_steps: int = 10, latent_scale: float = 0.6, batch_mul: int = 4,
                  weight: float = 2.0, init: Literal["varsr", "mar"] = "varsr"):
         super().__init__()
-        self.latent_dim, self.latent_scale, self.batch_mul, self.weight = latent_dim, latent_scale, batch_mul, weight
-        self.decoder_norm = nn.LayerNorm(cond_dim, eps=1e-6)
-        self.diffloss = DiffLoss(latent_dim, width, depth, cond_dim)
+        self.latent_dim, self.cond_dim, self.width, self.depth, self.init = latent_dim, cond_dim, width, depth, init
+        self.latent_scale, self.batch_mul, self.weight = latent_scale, batch_mul, weight
         betas = cosine_betas(train_steps)
         self.train_diffusion = GaussianDiffusion(betas)
         self.sample_diffusion = GaussianDiffusion.respaced(betas, respaced_steps(train_steps, sample_steps))
-        self.init_weights(init, cond_dim)
+        if latent_dim is not None and cond_dim is not None:
+            self.build()
+
+    def build(self) -> None:
+        self.decoder_norm = nn.LayerNorm(self.cond_dim, eps=1e-6)
+        self.diffloss = DiffLoss(self.latent_dim, self.width, self.depth, self.cond_dim)
+        self.init_weights(self.init, self.cond_dim)
+
+    def bind(self, layout: Layout) -> None:
+        """Take the latent channels (``vae_dim``) and the backbone width from the layout, or check them."""
+        for name, want, whose in (("latent_dim", layout.vae_dim, "the tokenizer's latent channels"), ("cond_dim", layout.width, "the transformer width")):
+            have = getattr(self, name)
+            if have is not None and have != want:
+                raise ValueError(f"DiffusionRefiner {name} {have} != {whose} {want}: leave {name} out to take it from them")
+        if not hasattr(self, "diffloss"):
+            self.latent_dim, self.cond_dim = layout.vae_dim, layout.width
+            self.build()
 
     @torch.no_grad()
     def init_weights(self, init: Literal["varsr", "mar"], cond_dim: int) -> None:
