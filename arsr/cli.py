@@ -248,10 +248,11 @@ def model_flags(argv: list[str]) -> list[str]:
 
 
 def nested_nulls(argv: list[str]) -> list[str]:
-    """jsonargparse (4.x) reads ``null`` given on the command line for an optional string nested in a
+    """jsonargparse (4.x) reads ``null`` given on the command line for an optional value nested in a
     component's settings (``--model.init_args.tokenizer.init_args.weights null``) as the string
-    'None'; the same value given as a mapping on the parent is read right, so such flags are
-    rewritten to that form: ``--model.init_args.tokenizer '{"init_args": {"weights": null}}'``."""
+    'None'; the same value given as a mapping on the first component under ``model`` / ``data`` is
+    read right, so such flags are rewritten to that form:
+    ``--model.init_args.tokenizer '{"init_args": {"weights": null}}'``."""
     out, i = [], 0
     while i < len(argv):
         arg = argv[i]
@@ -259,12 +260,11 @@ def nested_nulls(argv: list[str]) -> list[str]:
         step = 1 if eq else 2
         value = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
         parts = key[2:].split(".") if arg.startswith("--") else []
-        named = [p for p in parts if p != "init_args"]
-        if value == "null" and len(named) >= 3 and named[0] in ("model", "data"):
-            parent, leaf = parts[:-1], {parts[-1]: None}
-            if parent[-1] == "init_args":
-                parent, leaf = parent[:-1], {"init_args": leaf}
-            out += [f"--{'.'.join(parent)}", json.dumps(leaf)]
+        if value == "null" and len(parts) >= 4 and parts[0] in ("model", "data") and parts[1] == "init_args":
+            nested = None
+            for part in reversed(parts[3:]):
+                nested = {part: nested}
+            out += [f"--{'.'.join(parts[:3])}", json.dumps(nested)]
             i += step
             continue
         out.append(arg)

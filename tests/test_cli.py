@@ -256,3 +256,10 @@ def test_flags_of_the_earlier_layout_move_and_old_configs_name_the_new_place(tmp
     assert main(["fit", "--config", QUICK_AR, "--config", str(old)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "Option 'tokenizer_from' is not accepted; a tokenizer carries its weights: tokenizer.init_args.weights" in line
+
+
+def test_null_two_components_deep_is_none(capsys):
+    assert main(["fit", "--config", str(ROOT / "recipes" / "nsarm_stage2.yaml"), "--print_config",
+                 "--model.init_args.transformer.init_args.text.init_args.prompt", "null"]) == 0
+    t = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["transformer"]["init_args"]
+    assert t["text"]["init_args"]["prompt"] is None and t["depth"] == 32 and t["text"]["init_args"]["max_len"] == 512
