@@ -33,7 +33,8 @@ class Inference:
         cfg: guidance strength, one value or one per scale; None: the label policy's ``cfg``, or no
             guidance without labels. Its meaning is the backbone's: VAR's strength rising over the
             scales (0 = off), Infinity's cfg * cond + (1 - cfg) * uncond (1 = off).
-        top_k, top_p: token filtering (0: off); temperature: logits divided by it, per scale or one.
+        top_k, top_p: token filtering (0: off); temperature: logits divided by it. Each one value,
+            or one per scale (e.g. greedy coarse scales, nucleus sampling on the fine ones).
         seed: every image is sampled from a generator seeded with it.
         scale: SR factor; upsample_mode: how the LR is resized to the HR size
             (:func:`arsr.components.degradations.upsample`); training checks it matches the
@@ -45,8 +46,8 @@ class Inference:
     """
 
     cfg: float | list[float] | None = None
-    top_k: int = 1
-    top_p: float = 0.0
+    top_k: int | list[int] = 1
+    top_p: float | list[float] = 0.0
     temperature: float | list[float] = 1.0
     seed: int = 0
     scale: int = 4

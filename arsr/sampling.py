@@ -93,7 +93,8 @@ def cfg_mix(out: Tensor, w: float) -> Tensor:
     return (1 + w) * cond - w * uncond
 
 
-def per_scale(value: float | list[float], si: int) -> float:
+def per_scale(value, si: int):
+    """The value of scale si: the value itself, or its entry of a per-scale list."""
     return value[si] if isinstance(value, (list, tuple)) else value
 
 
@@ -103,8 +104,8 @@ def sample_scales(
     quantizer,
     batch_size: int,
     cfg: float | list[float] | None = None,
-    top_k: int = 0,
-    top_p: float = 0.0,
+    top_k: int | list[int] = 0,
+    top_p: float | list[float] = 0.0,
     temperature: float | list[float] = 1.0,
     generator: torch.Generator | None = None,
     forced: list[Tensor] | None = None,
@@ -114,13 +115,17 @@ def sample_scales(
 ) -> Sampled:
     """Sample every scale's tokens of a backbone.
 
-    cfg, temperature: a value or one per scale (cfg None: no guidance). Guidance is on where the backbone's weight for
-    some scale is non-zero; the logits are divided by the temperature before they are mixed.
+    cfg, temperature, top_k, top_p: a value or one per scale (cfg None: no guidance). Guidance is on
+    where the backbone's weight for some scale is non-zero; the logits are divided by the
+    temperature before they are mixed.
     forced: tokens of the first scales (NSARM's transformation network): the model still runs on
     those scales (its cache is filled from them) and a sample is still drawn and discarded, so
     the generator advances as when nothing is forced.
     """
     B, K = batch_size, num_scales or len(quantizer.schedule)
+    for name, value in (("cfg", cfg), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if isinstance(value, (list, tuple)) and len(value) != K:
+            raise ValueError(f"{name} has {len(value)} values for {K} scales: give one value, or one per scale")
     forced = forced or []
     weights = [0.0 if cfg is None else model.guidance(per_scale(cfg, si), si, K) for si in range(K)]
     guided = any(w != 0 for w in weights)
@@ -137,7 +142,7 @@ def sample_scales(
                 logits = logits if tau == 1 else logits / tau
                 if guided:
                     logits = cfg_mix(logits, weights[si])
-                tok = model.head.sample(logits, top_k, top_p, 1.0, generator)
+                tok = model.head.sample(logits, per_scale(top_k, si), per_scale(top_p, si), 1.0, generator)
                 if si < len(forced):
                     tok = forced[si].to(tok.dtype)
                 walk.add(tok)

@@ -255,3 +255,15 @@ def test_layout_carries_the_tokens_and_heads_size_from_it():
     assert bitwise.head.out_features == 12
     with pytest.raises(ValueError, match="IndexHead scores codebook indices but the tokenizer gives bits tokens: use BitwiseHead"):
         IndexHead(16).bind(bits)
+
+
+def test_top_k_and_top_p_per_scale():
+    """A list gives each scale its own filtering: greedy scales equal greedy sampling there."""
+    m, q = tiny(), MultiScaleVQ(16, 4, PN)
+    label, g = torch.tensor([0, 1]), lambda: torch.Generator().manual_seed(5)
+    greedy = m.generate(q, label, top_k=1)
+    mixed = m.generate(q, label, top_k=[1, 1, 0, 0], top_p=[0.0, 0.0, 0.9, 0.5], generator=g())
+    assert all(torch.equal(a, b) for a, b in zip(greedy[:2], mixed[:2]))
+    assert all(torch.equal(a, b) for a, b in zip(mixed, m.generate(q, label, top_k=[1, 1, 0, 0], top_p=[0.0, 0.0, 0.9, 0.5], generator=g())))
+    with pytest.raises(ValueError, match="top_k has 3 values for 4 scales: give one value, or one per scale"):
+        m.generate(q, label, top_k=[1, 1, 0])
