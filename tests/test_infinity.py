@@ -295,3 +295,18 @@ def test_model_sized_from_an_official_state_dict(oracle):
     assert (len(rebuilt.blocks), rebuilt.width, rebuilt.heads, rebuilt.token_dim) == (2, 64, 4, 8)
     with torch.no_grad():
         assert torch.allclose(rebuilt(None, io["x_BLC_wo_prefix"], text=text).flatten(2), io["tf_logits"], atol=1e-4)
+
+
+def test_token_width_comes_from_the_tokenizer():
+    """token_dim left out: the input projection and the bitwise head are sized by the tokenizer when bound."""
+    from arsr.components.quantizers import MultiScaleBSQ
+
+    m = InfinityTransformer(**(TINY | {"token_dim": None}))
+    assert not hasattr(m, "word_embed")
+    q = MultiScaleBSQ(dim=6, schedule="0.06M")
+    m.bind(q)
+    assert m.word_embed.in_features == 6 and m.head.bits == 6 and m.layout.latent_dim == 6
+    text = (torch.randn(1, 3, 256), torch.ones(1, 3, dtype=torch.bool))
+    assert m.eval()(None, torch.randn(1, m.image_len - 1, 6), text=text).shape == (1, m.image_len, 6, 2)
+    with pytest.raises(ValueError, match="InfinityTransformer token_dim 8 != the tokenizer's 6 bits per token"):
+        InfinityTransformer(**TINY).bind(q)

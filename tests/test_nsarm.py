@@ -27,7 +27,7 @@ NET = ("--model.init_args.scale_predictor.init_args.latent_dim 8 --model.init_ar
        "--model.init_args.scale_predictor.init_args.layers '[1, 1, 1]' --model.init_args.scale_predictor.init_args.heads '[2, 2, 2]' "
        "--model.init_args.scale_predictor.init_args.stem '[16, 16]'")
 TRANSFORMER = ("--model.init_args.transformer.init_args.depth 2 --model.init_args.transformer.init_args.width 64 "
-               "--model.init_args.transformer.init_args.heads 4 --model.init_args.transformer.init_args.token_dim 8 "
+               "--model.init_args.transformer.init_args.heads 4 "
                "--model.init_args.transformer.init_args.text_channels 128 --model.init_args.transformer.init_args.text_maxlen 64 "
                f"--model.init_args.transformer.init_args.text.init_args.path {SAMPLE / 'tiny_t5'}")
 CPU = "--trainer.accelerator cpu --trainer.devices 1 --trainer.precision 32 --trainer.strategy auto"

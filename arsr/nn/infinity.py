@@ -118,7 +118,8 @@ class InfinityTransformer(nn.Module):
         head: output head (default: the bitwise classifier over ``token_dim`` bits).
         text: caption encoder (Flan-T5, :class:`arsr.components.conditioning.T5TextEncoder`); None
             when features are always passed in (tests, cached features).
-        token_dim: bits per token (32 for d32 tokenizers, 56 for Infinity-8B's patchified d56).
+        token_dim: bits per token (32 for d32 tokenizers, 56 for Infinity-8B's patchified d56);
+            None: the tokenizer's, when the task binds it (the input projection and head wait till then).
         text_channels: width of the caption features (Flan-T5-XL: 2048); a multiple of 128.
         text_maxlen: rows of the learned null caption ``cfg_uncond`` (512).
         depth, width, heads, mlp_ratio: sizes (``infinity_2b``: 32, 2048, 16, 4).
@@ -134,7 +135,7 @@ class InfinityTransformer(nn.Module):
         self,
         head: Head | None = None,
         text: TextConditioning | None = None,
-        token_dim: int = 32,
+        token_dim: int | None = None,
         text_channels: int = 2048,
         text_maxlen: int = 512,
         depth: int = 32,
@@ -173,7 +174,8 @@ class InfinityTransformer(nn.Module):
         self.text_proj_for_ca = nn.Sequential(nn.Linear(text_channels, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
         self.pos_start = nn.Parameter(torch.empty(1, 1, width))
         self.lvl_embed = nn.Embedding(15, width)
-        self.word_embed = nn.Linear(token_dim, width)
+        if token_dim is not None:
+            self.word_embed = nn.Linear(token_dim, width)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(CrossAttnBlock(width, heads, mlp_ratio, r, norm_eps) for r in rates)
@@ -182,9 +184,21 @@ class InfinityTransformer(nn.Module):
 
             head = BitwiseHead(bits=token_dim)
         self.head = head
+        self._init = (init_adaln, init_adaln_gamma, init_head)
         self.bind_schedule(schedules.resolve(schedule))
-        head.bind(self.layout)
-        self.init_weights(init_adaln, init_adaln_gamma, init_head)
+        if token_dim is not None:
+            head.bind(self.layout)
+        self.init_weights(*self._init)
+
+    def bind_tokens(self, layout: Layout) -> None:
+        """Create and initialise what the token width sizes, once the tokenizer gives it: the input
+        projection and the head (as :meth:`init_weights` does at construction)."""
+        self.token_dim = layout.latent_dim
+        self.word_embed = nn.Linear(self.token_dim, self.width)
+        self.head.bind(layout)
+        for part in (self.word_embed, self.head):
+            self.init_layers(part, math.sqrt(1 / (3 * self.width)))
+        self.head.init_weights(self._init[2], self._init[0])
 
     # -- sizes ------------------------------------------------------------------------------------
     def bind_schedule(self, schedule: schedules.Schedule) -> None:
@@ -192,7 +206,7 @@ class InfinityTransformer(nn.Module):
         if len(schedule) > self.lvl_embed.num_embeddings:
             raise ValueError(f"schedule has {len(schedule)} scales; Infinity's level embedding has {self.lvl_embed.num_embeddings}")
         self.schedule = tuple(schedule)
-        self.layout = Layout(self.width, self.heads, self.token_dim, self.schedule, token_kind="bits")
+        self.layout = Layout(self.width, self.heads, self.token_dim or 0, self.schedule, token_kind="bits")  # token width 0: not bound yet
         self.bounds = [sum(h * w for h, w in schedule[:k]) for k in range(len(schedule) + 1)]
         levels = torch.cat([torch.full((h * w,), i, device="cpu") for i, (h, w) in enumerate(schedule)])
         self.register_buffer("lvl_1L", levels, persistent=False)
@@ -201,11 +215,13 @@ class InfinityTransformer(nn.Module):
 
     def bind(self, quantizer) -> None:
         """Take the tokenizer's schedule and check its token width and the head."""
-        self.head.check_tokens(Layout.of(quantizer))
-        if quantizer.token_dim != self.token_dim:
+        if self.token_dim is not None and quantizer.token_dim != self.token_dim:
             raise ValueError(f"InfinityTransformer token_dim {self.token_dim} != the tokenizer's {quantizer.token_dim} bits per token")
+        self.head.check_tokens(Layout.of(quantizer))
         self.bind_schedule(quantizer.schedule)
         self.layout = Layout.of(quantizer, self.width, self.heads)
+        if not hasattr(self, "word_embed"):
+            self.bind_tokens(self.layout)
 
     def _apply(self, fn, recurse: bool = True):  # keep the complex RoPE table on the module's device
         moved = fn(self.rope)
@@ -220,14 +236,7 @@ class InfinityTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, init_adaln: float, init_adaln_gamma: float, init_head: float) -> None:
         std = math.sqrt(1 / (3 * self.width))
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.init_layers(self, std)
         nn.init.trunc_normal_(self.pos_start, std=std)
         scale = 1 / math.sqrt(2 * len(self.blocks))
         for block in self.blocks:
@@ -235,7 +244,21 @@ class InfinityTransformer(nn.Module):
                 lin.weight.mul_(scale)
             block.ada_gss[:, :, :2].mul_(init_adaln_gamma)
             block.ada_gss[:, :, 2:].mul_(init_adaln)
-        self.head.init_weights(init_head, init_adaln)
+        if self.token_dim is not None:  # else the head waits for the tokenizer (bind_tokens)
+            self.head.init_weights(init_head, init_adaln)
+
+    @staticmethod
+    @torch.no_grad()
+    def init_layers(module: nn.Module, std: float) -> None:
+        """Infinity's init of every Linear / Embedding (truncated normal, zero bias) and LayerNorm in ``module``."""
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     # -- condition ----------------------------------------------------------------------------------
     def encode_text(self, n: int, captions: list[str] | None = None, text: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
