@@ -22,8 +22,7 @@ from conftest import ROOT, SAMPLE
 TOKENIZER = ("--model.init_args.tokenizer.init_args.ch 32 --model.init_args.tokenizer.init_args.ch_mult '[1, 2, 2]' "
              "--model.init_args.tokenizer.init_args.quantizer.init_args.dim 8 "
              "--model.init_args.tokenizer.init_args.quantizer.init_args.schedule 0.06M")
-NET = ("--model.init_args.scale_predictor.init_args.latent_dim 8 --model.init_args.scale_predictor.init_args.grid 4 "
-       "--model.init_args.scale_predictor.init_args.sides '[1, 2, 4]' --model.init_args.scale_predictor.init_args.dims '[32, 32, 32]' "
+NET = ("--model.init_args.scale_predictor.init_args.grid 4 --model.init_args.scale_predictor.init_args.dims '[32, 32, 32]' "
        "--model.init_args.scale_predictor.init_args.layers '[1, 1, 1]' --model.init_args.scale_predictor.init_args.heads '[2, 2, 2]' "
        "--model.init_args.scale_predictor.init_args.stem '[16, 16]'")
 TRANSFORMER = ("--model.init_args.transformer.init_args.depth 2 --model.init_args.transformer.init_args.width 64 "

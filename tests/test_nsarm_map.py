@@ -119,3 +119,17 @@ def test_contract_bind_forward_and_errors():
         net(torch.rand(1, 3, 20, 20))
     with pytest.raises(ValueError, match="one entry per scale"):
         NSARMTransformationNet(**(TINY | {"heads": (2, 2, 4)}))
+
+
+def test_sizes_left_out_come_from_the_tokenizer():
+    from arsr.components.quantizers import MultiScaleBSQ
+    from arsr.interfaces import Layout
+
+    net = NSARMTransformationNet(grid=4, dims=[16, 16], layers=[1, 1], heads=[2, 2], stem=[8, 8])
+    layout = Layout.of(MultiScaleBSQ(dim=6, schedule=[(1, 1), (2, 2), (4, 4)]))
+    net.bind(layout)
+    assert (net.latent_dim, net.sides) == (6, ((1, 1), (2, 2)))
+    out = net.predict_from_features(torch.randn(2, 6, 4, 4))
+    assert [tuple(r.shape) for r in out] == [(2, 6, 1, 1), (2, 6, 2, 2)]
+    with pytest.raises(ValueError, match=r"built for sides \(\(1, 1\), \(4, 4\)\), the schedule's first 2 scales are \(\(1, 1\), \(2, 2\)\)"):
+        NSARMTransformationNet(6, 4, [1, 4], dims=[16, 16], layers=[1, 1], heads=[2, 2], stem=[8, 8]).bind(layout)

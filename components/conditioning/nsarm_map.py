@@ -59,46 +59,56 @@ class NSARMTransformationNet(ScalePredictor):
     The released 8B network is ``NSARMTransformationNet.nsarm_8b()`` (kwargs: ``NSARM_8B``).
 
     Args:
-        latent_dim: d, channels of the VAE latent (input and output).
+        latent_dim: d, channels of the VAE latent (input and output); None: the tokenizer's.
         grid: side of the LR latent (int or (h, w)); the stem's LayerNorms are sized for it.
-        sides: output side per scale (int or (h, w)) in VAE space; len(sides) scales are predicted.
+        sides: output side per scale (int or (h, w)) in VAE space, one per entry of ``dims``; None:
+            the tokenizer's first ``len(dims)`` scales.
         dims: transformer width per scale (even, divisible by its head count).
         layers: encoder layers per scale.
         heads: attention heads per scale.
         stem: widths of the shared conv stem before it returns to d channels.
         mlp_ratio: feed-forward width / model width in every encoder layer.
         dropout: dropout inside the encoder layers (torch's default placement).
+
+    Sizes left out are taken from the layout at ``bind`` (the network is built there); sizes given
+    are checked against it.
     """
 
-    def __init__(self, latent_dim: int = 32, grid: int | tuple[int, int] = 16,
-                 sides: Sequence[int | tuple[int, int]] = (1, 2, 4, 6, 8, 12, 16),
+    def __init__(self, latent_dim: int | None = None, grid: int | tuple[int, int] = 16,
+                 sides: Sequence[int | tuple[int, int]] | None = None,
                  dims: Sequence[int] = (64, 64, 128, 128, 256, 256, 384),
                  layers: Sequence[int] = (2, 2, 3, 3, 4, 4, 6),
                  heads: Sequence[int] = (4, 4, 4, 4, 8, 8, 8),
                  stem: Sequence[int] = (64, 128), mlp_ratio: float = 4.0, dropout: float = 0.1):
         super().__init__()
-        n = len(sides)
-        if not (len(dims) == len(layers) == len(heads) == n):
-            raise ValueError(f"sides, dims, layers and heads need one entry per scale; got {n}, {len(dims)}, {len(layers)}, {len(heads)}")
+        n = len(dims)
+        if not (len(layers) == len(heads) == n) or (sides is not None and len(sides) != n):
+            raise ValueError(f"sides, dims, layers and heads need one entry per scale; got "
+                             f"{n if sides is None else len(sides)}, {len(dims)}, {len(layers)}, {len(heads)}")
         for dim, h in zip(dims, heads):
             if dim % 2 or dim % h:
                 raise ValueError(f"width {dim} must be even and divisible by its {h} heads")
         self.latent_dim, self.grid = latent_dim, _pair(grid)
-        self.sides = tuple(_pair(s) for s in sides)
+        self.sides = None if sides is None else tuple(_pair(s) for s in sides)
         self.num_scales = n
+        self.sizes = dict(dims=tuple(dims), layers=tuple(layers), heads=tuple(heads), stem=tuple(stem), mlp_ratio=mlp_ratio, dropout=dropout)
+        self._tokenizer: list[nn.Module] = []  # held outside the module tree: frozen, saved by its owner
+        if latent_dim is not None:
+            self.build()
 
-        widths = [latent_dim, *stem, latent_dim]
+    def build(self) -> None:
+        d, z = self.sizes, self.latent_dim
+        widths = [z, *d["stem"], z]
         self.feature_extractor = nn.Sequential(*[m for a, b in pairwise(widths) for m in _conv_ln_gelu(a, b, self.grid)])
         self.feature_transforms = nn.ModuleList(
-            nn.Sequential(*_conv_ln_gelu(latent_dim, dim // 2, self.grid), *_conv_ln_gelu(dim // 2, dim, self.grid)) for dim in dims)
+            nn.Sequential(*_conv_ln_gelu(z, dim // 2, self.grid), *_conv_ln_gelu(dim // 2, dim, self.grid)) for dim in d["dims"])
         self.transformers = nn.ModuleList(
             nn.TransformerEncoder(
-                nn.TransformerEncoderLayer(dim, h, int(dim * mlp_ratio), dropout, batch_first=True),
+                nn.TransformerEncoderLayer(dim, h, int(dim * d["mlp_ratio"]), d["dropout"], batch_first=True),
                 depth, enable_nested_tensor=False)
-            for dim, depth, h in zip(dims, layers, heads))
+            for dim, depth, h in zip(d["dims"], d["layers"], d["heads"]))
         self.output_projs = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, dim // 2), nn.LayerNorm(dim // 2), nn.GELU(), nn.Linear(dim // 2, latent_dim)) for dim in dims)
-        self._tokenizer: list[nn.Module] = []  # held outside the module tree: frozen, saved by its owner
+            nn.Sequential(nn.Linear(dim, dim // 2), nn.LayerNorm(dim // 2), nn.GELU(), nn.Linear(dim // 2, z)) for dim in d["dims"])
 
     @classmethod
     def nsarm_8b(cls) -> NSARMTransformationNet:
@@ -107,10 +117,16 @@ class NSARMTransformationNet(ScalePredictor):
 
     def bind(self, layout: Layout) -> None:
         latent_dim, sides = layout.vae_dim, layout.vae_schedule[: self.num_scales]
-        if latent_dim != self.latent_dim:
+        if len(sides) < self.num_scales:
+            raise ValueError(f"NSARMTransformationNet predicts {self.num_scales} scales; the schedule has {len(sides)}")
+        if self.latent_dim is not None and latent_dim != self.latent_dim:
             raise ValueError(f"NSARMTransformationNet was built for latent_dim {self.latent_dim}, the tokenizer has {latent_dim}")
-        if sides != self.sides:
+        if self.sides is not None and sides != self.sides:
             raise ValueError(f"NSARMTransformationNet was built for sides {self.sides}, the schedule's first {len(sides)} scales are {sides}")
+        self.sides = sides
+        if self.latent_dim is None:
+            self.latent_dim = latent_dim
+            self.build()
 
     def attach_tokenizer(self, tokenizer: nn.Module) -> None:
         self._tokenizer = [tokenizer]
