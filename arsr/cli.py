@@ -10,8 +10,9 @@ logs, checkpoints and exported weights into ``<logger save_dir>/<name>/version_N
 ``<name>/latest`` at it. Exact resume is ``--ckpt_path last`` (the latest run's newest good
 checkpoint, continued in that run's folder) or a path; starting from weights is ``init_from``
 (``--model.init_args.training.init_from`` for ARFinetune, ``--model.init_args.init_from`` for the
-other tasks) and a tokenizer's weights are ``--model.init_args.tokenizer.init_args.weights``. Command-line ``--model...`` flags apply on top of the
-hyper-parameters a ``--ckpt_path`` checkpoint restores.
+other tasks) and a tokenizer's weights are ``--model.init_args.tokenizer.init_args.weights``.
+Command-line ``--model...`` flags apply on top of the hyper-parameters a ``--ckpt_path``
+checkpoint restores.
 """
 
 from __future__ import annotations
