@@ -291,6 +291,8 @@ class Layout:
     token_kind, vocab_size: what the backbone predicts: ``index`` tokens of a ``vocab_size``
         codebook, or ``bits`` (``latent_dim`` binary labels per token); a backbone built before it
         meets its tokenizer has ``token_kind`` None.
+    stride: pixels per latent cell (the tokenizer encoder's downsampling), so that the native image
+        side is ``vae_schedule[-1] * stride``; None where no tokenizer was given.
     """
 
     width: int
@@ -302,6 +304,7 @@ class Layout:
     vae_schedule: tuple[tuple[int, int], ...] | None = None
     token_kind: str | None = None
     vocab_size: int | None = None
+    stride: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "schedule", tuple((int(h), int(w)) for h, w in self.schedule))
@@ -310,11 +313,13 @@ class Layout:
         object.__setattr__(self, "vae_schedule", tuple((int(h), int(w)) for h, w in vs))
 
     @classmethod
-    def of(cls, quantizer: Quantizer, width: int = 0, heads: int = 1, prefix_grids: tuple[int, ...] = ()) -> Layout:
-        """The layout of a quantizer's tokens (for a backbone of this width / heads)."""
+    def of(cls, quantizer: Quantizer, width: int = 0, heads: int = 1, prefix_grids: tuple[int, ...] = (),
+           stride: int | None = None) -> Layout:
+        """The layout of a quantizer's tokens (for a backbone of this width / heads; ``stride``: the
+        tokenizer's downsampling, when known)."""
         vocab = getattr(quantizer, "vocab_size", None) if quantizer.token_kind == "index" else None
         return cls(width, heads, quantizer.token_dim, quantizer.schedule, tuple(prefix_grids), quantizer.dim, quantizer.vae_schedule,
-                   quantizer.token_kind, vocab)
+                   quantizer.token_kind, vocab, stride)
 
     @property
     def patch_nums(self) -> tuple[int, ...]:

@@ -106,8 +106,14 @@ def test_combination_trains_a_step_and_samples(name):
     (lambda: dict(transformer=infinity(), tokenizer=tokenizer("bsq"),
                   scale_predictor=NSARMTransformationNet(latent_dim=8, grid=2, sides=[1, 2, 8], dims=[32] * 3, layers=[1] * 3, heads=[2] * 3)),
      "built for sides"),
+    (lambda: dict(transformer=var(None, SARoPE(), PrefixTokens((8, 16, 32), grid=4)), tokenizer=tokenizer("vq")),  # sized by the tokenizer
+     "PrefixTokens grid 4 != the 8x8 map its 3-stage conv stack makes of the 32 px input: set grid 8"),
+    (lambda: dict(transformer=var(PN, SARoPE(), EncoderFeatures(grid=4)), tokenizer=tokenizer("vq")),
+     "EncoderFeatures grid 4 != the tokenizer's last latent map 8x8: set grid 8"),
+    (lambda: dict(transformer=var(PN, SARoPE()), tokenizer=tokenizer("vq"), refiner=DiffusionRefiner(latent_dim=16, width=32, depth=1)),
+     "DiffusionRefiner latent_dim 16 != the tokenizer's latent channels 8"),
 ], ids=["index_head_on_bits", "bitwise_head_on_indices", "vocab", "schedule", "infinity_on_vq", "token_bits", "predictor_on_vq",
-        "predictor_sides"])
+        "predictor_sides", "prefix_grid", "encoder_grid", "refiner_channels"])
 def test_impossible_combinations_are_refused_at_build(build, message):
     with pytest.raises(ValueError, match=message):
         ARFinetune(**build())

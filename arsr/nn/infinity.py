@@ -213,13 +213,13 @@ class InfinityTransformer(nn.Module):
         self.levels = tuple(levels.tolist())  # host copy: the attention plan is built without reading the device
         self.rope = infinity_rope(self.schedule, self.width // self.heads, self.rope_theta)  # derived, never saved
 
-    def bind(self, quantizer) -> None:
-        """Take the tokenizer's schedule and check its token width and the head."""
+    def bind(self, quantizer, stride: int | None = None) -> None:
+        """Take the tokenizer's schedule (and its downsampling ``stride``) and check its token width and the head."""
         if self.token_dim is not None and quantizer.token_dim != self.token_dim:
             raise ValueError(f"InfinityTransformer token_dim {self.token_dim} != the tokenizer's {quantizer.token_dim} bits per token")
         self.head.check_tokens(Layout.of(quantizer))
         self.bind_schedule(quantizer.schedule)
-        self.layout = Layout.of(quantizer, self.width, self.heads)
+        self.layout = Layout.of(quantizer, self.width, self.heads, stride=stride)
         if not hasattr(self, "word_embed"):
             self.bind_tokens(self.layout)
 

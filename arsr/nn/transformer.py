@@ -229,10 +229,11 @@ class NextScaleTransformer(nn.Module):
         self.head.bind(L)
         self.init_weights(*self._init)
 
-    def bind(self, quantizer: Quantizer) -> None:
+    def bind(self, quantizer: Quantizer, stride: int | None = None) -> None:
         """Take the tokenizer's schedule, latent width and tokens (the head its vocabulary or bits),
-        or check them against those this transformer was built with."""
-        tokens = Layout.of(quantizer)
+        or check them against those this transformer was built with; ``stride``: the tokenizer's
+        downsampling (components that read pixels, like an LR encoder, check their sizes with it)."""
+        tokens = Layout.of(quantizer, stride=stride)
         if not hasattr(self, "layout"):
             return self.build(tokens)
         if self.layout.schedule != tokens.schedule:
@@ -243,7 +244,7 @@ class NextScaleTransformer(nn.Module):
             raise ValueError(f"transformer latent_dim {self.layout.latent_dim} != the tokenizer's {tokens.latent_dim}")
         self.head.check_tokens(tokens)
         self.layout = dataclasses.replace(self.layout, token_kind=tokens.token_kind, vocab_size=tokens.vocab_size,
-                                          vae_dim=tokens.vae_dim, vae_schedule=tokens.vae_schedule)
+                                          vae_dim=tokens.vae_dim, vae_schedule=tokens.vae_schedule, stride=stride)
 
     # -- initialisation (VAR's recipe) ------------------------------------------------------
     @torch.no_grad()

@@ -137,7 +137,7 @@ def bind_predictor(predictor: ScalePredictor, tokenizer: VQVAE) -> ScalePredicto
     if predictor.num_scales >= len(q.vae_schedule):
         raise ValueError(f"the transformation network predicts {predictor.num_scales} scales of a {len(q.vae_schedule)}-scale schedule: "
                          "leave at least one scale to the transformer")
-    predictor.bind(Layout.of(q))
+    predictor.bind(Layout.of(q, stride=tokenizer.downsample))
     predictor.attach_tokenizer(tokenizer)
     return predictor
 
@@ -218,7 +218,7 @@ class ARFinetune(SuperResolution, _TokenizerTask):
         training, inference = _config(training, Training), _config(inference, Inference)
         super().__init__(tokenizer, optimizer, lr_scheduler, training.init_from, training.image_log_every)
         self.record_settings()
-        transformer.bind(tokenizer.quantize)
+        transformer.bind(tokenizer.quantize, stride=tokenizer.downsample)
         if refiner is not None:
             refiner.bind(transformer.layout)
         self.transformer, self.labels, self.regularizer, self.refiner = transformer, labels, regularizer, refiner

@@ -25,6 +25,12 @@ class PrefixTokens(Conditioning):
         self.prefix_grids = (grid,)
 
     def bind(self, layout: Layout) -> None:
+        if layout.stride is not None:  # the native image is the last latent map times the stride
+            h, w = (side * layout.stride // 2 ** (len(self.channels) - 1) for side in layout.vae_schedule[-1])
+            if (h, w) != (self.grid, self.grid):
+                px = layout.vae_schedule[-1][0] * layout.stride
+                raise ValueError(f"PrefixTokens grid {self.grid} != the {h}x{w} map its {len(self.channels)}-stage conv stack makes of "
+                                 f"the {px} px input: set grid {h}")
         ch = self.channels
         self.con_embedding = nn.Module()
         self.con_embedding.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
