@@ -310,3 +310,9 @@ def test_token_width_comes_from_the_tokenizer():
     assert m.eval()(None, torch.randn(1, m.image_len - 1, 6), text=text).shape == (1, m.image_len, 6, 2)
     with pytest.raises(ValueError, match="InfinityTransformer token_dim 8 != the tokenizer's 6 bits per token"):
         InfinityTransformer(**TINY).bind(q)
+
+
+def test_an_unbound_token_width_is_named():
+    m = InfinityTransformer(**(TINY | {"token_dim": None})).eval()
+    with pytest.raises(RuntimeError, match="no token width yet: give token_dim, or bind it to its tokenizer"):
+        m(None, torch.randn(1, m.image_len - 1, 6), text=(torch.randn(1, 3, 256), torch.ones(1, 3, dtype=torch.bool)))

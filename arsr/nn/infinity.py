@@ -305,6 +305,9 @@ class InfinityTransformer(nn.Module):
 
     def embed(self, inputs: Tensor) -> Tensor:
         """Next-scale inputs (B, N, token_dim) -> (B, N, C)."""
+        if self.token_dim is None:
+            raise RuntimeError("InfinityTransformer has no token width yet: give token_dim, or bind it to its tokenizer "
+                               "(bind(quantizer); ARFinetune does)")
         return self.word_embed(inputs.float())
 
     def forward(self, label: Tensor | None, inputs: Tensor, prefix_input: Tensor | None = None, return_hidden: bool = False,

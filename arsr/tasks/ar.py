@@ -147,10 +147,6 @@ class Training:
     """How ARFinetune trains (the ``training:`` block of a recipe).
 
     Attributes:
-        init_from: ``.safetensors`` weights to start from (the transformer, refiner, scale predictor:
-            every part present in the file loads); a list merges several files, later ones winning
-            (e.g. converted Infinity weights and NSARM stage 1's export). Not a resume: that is ``--ckpt_path``.
-        image_log_every: log an LR | outputs | HR grid every this many training steps (0 = never).
         scale_weighting: ``uniform`` (mean over the trained tokens) or ``sqrt_area`` (Infinity's
             reweight_loss_by_scale: the tokens of scale k weigh 1/sqrt(h_k w_k), normalised).
         ce_on_substituted: with a scale predictor, also train the backbone on the substituted scales'
@@ -160,18 +156,22 @@ class Training:
         activation_checkpointing: recompute every block in the backward pass.
         compile: ``torch.compile`` every block.
         fsdp_bf16_params: under FSDP2, compute with bf16 parameters (fp32 gradient reduction).
+        init_from: ``.safetensors`` weights to start from (the transformer, refiner, scale predictor:
+            every part present in the file loads); a list merges several files, later ones winning
+            (e.g. converted Infinity weights and NSARM stage 1's export). Not a resume: that is ``--ckpt_path``.
+        image_log_every: log an LR | outputs | HR grid every this many training steps (0 = never).
         channels_last: keep the frozen tokenizer in channels-last memory format (NHWC): faster
             convolutions with oneDNN on CPU and tensor cores on GPU; latents equal up to float rounding.
     """
 
-    init_from: str | list[str] | None = None
-    image_log_every: int = 500
     scale_weighting: Literal["uniform", "sqrt_area"] = "uniform"
     ce_on_substituted: bool = False
     init_strict: bool = True
     activation_checkpointing: bool = False
     compile: bool = False
     fsdp_bf16_params: bool = False
+    init_from: str | list[str] | None = None
+    image_log_every: int = 500
     channels_last: bool = False
 
 
