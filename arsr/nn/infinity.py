@@ -217,9 +217,10 @@ class InfinityTransformer(nn.Module):
         """Take the tokenizer's schedule (and its downsampling ``stride``) and check its token width and the head."""
         if self.token_dim is not None and quantizer.token_dim != self.token_dim:
             raise ValueError(f"InfinityTransformer token_dim {self.token_dim} != the tokenizer's {quantizer.token_dim} bits per token")
-        self.head.check_tokens(Layout.of(quantizer))
+        tokens = Layout.of(quantizer, self.width, self.heads, stride=stride)
+        self.head.check_tokens(tokens)
         self.bind_schedule(quantizer.schedule)
-        self.layout = Layout.of(quantizer, self.width, self.heads, stride=stride)
+        self.layout = tokens
         if not hasattr(self, "word_embed"):
             self.bind_tokens(self.layout)
 

@@ -123,7 +123,7 @@ class MultiScaleVQ(Quantizer):
         rest = f.detach().float().clone()
         for si, pn in enumerate(self.patch_nums[:num_scales]):
             idx = self.nearest(area_down(rest, pn))
-            h = self.phi(si, bicubic_up(self.embed(idx, pn), H))
+            h = self.scale_term(idx, si)
             rest.sub_(h)
             yield si, idx, h
 
